@@ -1,0 +1,135 @@
+"""The library API the commands use: load a VAE from a config and/or checkpoint, encode, decode."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vaetool.config import instantiate_from_config, load_vae_config
+from vaetool.errors import ConfigError
+from vaetool.families import LatentFormat, get_family
+from vaetool.nn.autoencoder import AutoencodingEngine
+
+DEFAULT_MODEL = "mini"
+
+
+@dataclass
+class Vae:
+    """A loaded autoencoder with the latent format of its family and where it came from."""
+
+    model: AutoencodingEngine
+    latent_format: LatentFormat
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the weights."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the weights."""
+        return next(self.model.parameters()).dtype
+
+    @property
+    def downscale(self) -> int:
+        """Spatial factor between image and latent (8 for f8 models)."""
+        return 2 ** (self.model.encoder.num_resolutions - 1)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Vae:
+        """Move the weights; returns self."""
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    @torch.inference_mode()
+    def moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [B, 3, H, W] in [-1, 1] -> posterior (mean, logvar), each [B, C, ceil(H/f), ceil(W/f)]."""
+        moments = self.model.encode_moments(images.to(self.device, self.dtype))
+        mean, logvar = torch.chunk(moments, 2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        images: torch.Tensor,
+        *,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+        scaled: bool = False,
+    ) -> torch.Tensor:
+        """Images in [-1, 1] -> raw latents (the posterior mode, or a sample); `scaled` applies scale/shift."""
+        mean, logvar = self.moments(images)
+        latents = mean
+        if sample:
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            latents = mean + torch.exp(0.5 * logvar) * eps
+        return self.latent_format.to_scaled(latents) if scaled else latents
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, *, scaled: bool = False, **decoder_kwargs: Any) -> torch.Tensor:
+        """Latents [B, C, h, w] (raw, or scaled when `scaled`) -> images [B, 3, h*f, w*f], about [-1, 1]."""
+        z = latents.to(self.device, self.dtype)
+        if scaled:
+            z = self.latent_format.to_raw(z)
+        return self.model.decode(z, **decoder_kwargs)
+
+
+def _resolve_format(
+    model: AutoencodingEngine, declared: LatentFormat | None, family: str | None, source: str
+) -> LatentFormat:
+    channels = int(model.embed_dim)
+    downscale = 2 ** (model.encoder.num_resolutions - 1)
+    if family is not None:
+        try:
+            fmt = get_family(family)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    elif declared is not None:
+        fmt = declared
+    else:
+        fmt = LatentFormat("unknown", channels, 1.0, 0.0, downscale)
+    if fmt.channels == 0:  # an upstream YAML gives only scale_factor
+        fmt = dataclasses.replace(fmt, channels=channels, downscale=downscale)
+    if fmt.channels != channels or fmt.downscale != downscale:
+        raise ConfigError(
+            f"family {fmt.family!r} has {fmt.channels}-channel f{fmt.downscale} latents, "
+            f"but the model has {channels}-channel f{downscale} latents",
+            source,
+        )
+    return fmt
+
+
+def load_vae(
+    config: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    *,
+    family: str | None = None,
+    ema: bool = False,
+    overrides: list[str] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Vae:
+    """Build a VAE from a config (shipped name or YAML) and/or a checkpoint; the default model if neither."""
+    from vaetool.checkpoints import load_checkpoint, load_into
+
+    if config is None and checkpoint is None:
+        config = DEFAULT_MODEL
+    vcfg = load_vae_config(config, overrides) if config is not None else None
+    source: dict[str, Any] = {"config": None if vcfg is None else vcfg.source}
+    if checkpoint is None and vcfg is not None and vcfg.checkpoint is not None:
+        checkpoint = vcfg.checkpoint
+    loaded = load_checkpoint(checkpoint, ema=ema) if checkpoint is not None else None
+    model_cfg = vcfg.model if vcfg is not None else loaded.config
+    model = instantiate_from_config(model_cfg)
+    if loaded is not None:
+        load_into(model, loaded.state_dict, loaded.path)
+        source |= {"checkpoint": str(loaded.path), "sha256": loaded.sha256, "layout": loaded.layout, "ema": loaded.used_ema}
+    model.eval().requires_grad_(False)
+    fmt = _resolve_format(model, None if vcfg is None else vcfg.latent_format, family, str(checkpoint or config))
+    source["family"] = fmt.family
+    return Vae(model=model, latent_format=fmt, source=source).to(device, dtype)
+

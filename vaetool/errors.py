@@ -1,0 +1,26 @@
+"""User-facing errors: each one is a single line that names the file and the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class VaeToolError(Exception):
+    """An error caused by the user's input, shown as one line without a traceback."""
+
+    def __init__(self, problem: str, path: str | Path | None = None) -> None:
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class ConfigError(VaeToolError):
+    """A YAML config that cannot be read or instantiated."""
+
+
+class CheckpointError(VaeToolError):
+    """A checkpoint file that cannot be read, is unsafe, or does not fit the model."""
+
+
+class InputError(VaeToolError):
+    """An image, latent or other input file that cannot be used."""

@@ -1,0 +1,154 @@
+"""The VAE's building blocks: normalisation, resampling, residual and attention blocks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vaetool.nn.attention import attention
+
+
+def get_timestep_embedding(timesteps: torch.Tensor, embedding_dim: int) -> torch.Tensor:
+    """Sinusoidal embeddings of 1-D `timesteps`: [N] -> [N, embedding_dim] (sin half, then cos half)."""
+    if timesteps.ndim != 1:
+        raise ValueError(f"timesteps must be 1-D, got shape {tuple(timesteps.shape)}")
+    half = embedding_dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / (half - 1))
+    args = timesteps.float()[:, None] * freqs[None, :]  # [N, half]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # [N, 2*half]
+    if embedding_dim % 2 == 1:
+        emb = F.pad(emb, (0, 1, 0, 0))
+    return emb
+
+
+def nonlinearity(x: torch.Tensor) -> torch.Tensor:
+    """Swish: x * sigmoid(x)."""
+    return F.silu(x)
+
+
+def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm with 32 groups and eps 1e-6, the VAE's normalisation everywhere."""
+    return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then an optional 3x3 conv."""
+
+    def __init__(self, in_channels: int, with_conv: bool) -> None:
+        super().__init__()
+        self.with_conv = with_conv
+        if with_conv:
+            self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # [B, C, 2H, 2W]
+        return self.conv(x) if self.with_conv else x
+
+
+class Downsample(nn.Module):
+    """x1/2: a stride-2 3x3 conv on the input padded right/bottom by one, or 2x2 average pooling."""
+
+    def __init__(self, in_channels: int, with_conv: bool) -> None:
+        super().__init__()
+        self.with_conv = with_conv
+        if with_conv:
+            self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.with_conv:
+            x = F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0)  # [B, C, H+1, W+1]
+            return self.conv(x)  # [B, C, ceil(H/2), ceil(W/2)]
+        return F.avg_pool2d(x, kernel_size=2, stride=2)
+
+
+class ResnetBlock(nn.Module):
+    """norm-swish-conv twice with an optional timestep projection, plus a (1x1 or 3x3) shortcut."""
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int | None = None,
+        conv_shortcut: bool = False,
+        dropout: float = 0.0,
+        temb_channels: int = 512,
+    ) -> None:
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.use_conv_shortcut = conv_shortcut
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        if temb_channels > 0:
+            self.temb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = Normalize(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        if in_channels != out_channels:
+            if conv_shortcut:
+                self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+            else:
+                self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        """The skip path: identity when channels match, else the shortcut conv."""
+        if self.in_channels == self.out_channels:
+            return x
+        return self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor:
+        h = self.conv1(nonlinearity(self.norm1(x)))  # [B, Cout, H, W]
+        if temb is not None:
+            h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
+        return self.shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention with 1x1-conv projections and a residual."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.norm = Normalize(in_channels)
+        self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+        self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+        self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+        self.proj_out = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise, project and attend over all positions; returns [B, C, H, W] before proj_out."""
+        h = self.norm(x)
+        b, c, hh, ww = h.shape
+        q, k, v = (t.reshape(b, 1, c, hh * ww).transpose(-1, -2) for t in (self.q(h), self.k(h), self.v(h)))  # [B, 1, HW, C]
+        out = attention(q, k, v)  # [B, 1, HW, C]
+        return out.transpose(-1, -2).reshape(b, c, hh, ww)
+
+    def forward(self, x: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        return x + self.proj_out(self.attention(x))
+
+
+class NoAttn(nn.Module):
+    """The `attn_type: none` block: passes its input through (extra keyword arguments ignored)."""
+
+    def forward(self, x: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        return x
+
+
+ATTN_TYPES: dict[str, type[nn.Module]] = {
+    "vanilla": AttnBlock,
+    "vanilla-xformers": AttnBlock,
+    "memory-efficient-cross-attn": AttnBlock,
+    "none": NoAttn,
+}
+
+
+def make_attn(in_channels: int, attn_type: str = "vanilla", attn_kwargs: dict | None = None) -> nn.Module:
+    """Build the attention block named by `attn_type` (the backend is chosen at call time, not here)."""
+    if attn_type not in ATTN_TYPES:
+        raise ValueError(f"attn_type {attn_type!r} is not supported; choose one of {', '.join(ATTN_TYPES)}")
+    cls = ATTN_TYPES[attn_type]
+    return NoAttn() if cls is NoAttn else cls(in_channels)
