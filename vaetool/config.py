@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from vaetool.errors import ConfigError
-from vaetool.families import LatentFormat, get_family
+from vaetool.families import FAMILIES, LatentFormat
 
 _AE = "vaetool.nn.autoencoder"
 _CODERS = "vaetool.nn.coders"
@@ -164,7 +164,9 @@ def _latent_format(doc: dict[str, Any], model_params: dict[str, Any], source: st
     if fmt is None and family is None:
         scale = model_params.get("scale_factor")  # upstream whole-model YAMLs
         return None if scale is None else LatentFormat("unknown", 0, float(scale), 0.0)
-    base = get_family(family) if family else None
+    base = FAMILIES.get(str(family).lower()) if family else None
+    if family and base is None and fmt is None:
+        raise ConfigError(f"unknown family {family!r} and no latent_format given", source)
     fmt = fmt or {}
     try:
         return LatentFormat(
