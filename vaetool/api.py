@@ -124,8 +124,12 @@ def load_vae(
         checkpoint = vcfg.checkpoint
     loaded = load_checkpoint(checkpoint, ema=ema) if checkpoint is not None else None
     model_cfg = vcfg.model if vcfg is not None else loaded.config
-    model = instantiate_from_config(model_cfg)
-    if loaded is not None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # a config without weights gets the same random weights in every process
+        model = instantiate_from_config(model_cfg)
+    if loaded is None:
+        source["random_weights"] = True
+    else:
         load_into(model, loaded.state_dict, loaded.path)
         source |= {"checkpoint": str(loaded.path), "sha256": loaded.sha256, "layout": loaded.layout, "ema": loaded.used_ema}
     model.eval().requires_grad_(False)
