@@ -1,0 +1,237 @@
+"""Options shared by every command: Typer `Annotated` types, and the model they select.
+
+A command declares the options it needs with the types below, packs them into `ModelOptions`
+(and `ComputeOptions` for tiling and batching) and calls `load_model(opts)`, so every command
+spells, documents and interprets `--config/--checkpoint/--model/--device/--dtype/...` the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from vaetool.cli.app_state import Debug
+
+if TYPE_CHECKING:
+    import torch
+
+    from vaetool.api import Vae
+
+__all__ = [
+    "AttentionOpt",
+    "BatchSizeOpt",
+    "CheckpointOpt",
+    "ComputeOptions",
+    "ConfigOpt",
+    "Debug",
+    "Device",
+    "DeviceOpt",
+    "Dtype",
+    "DtypeOpt",
+    "EmaOpt",
+    "FamilyOpt",
+    "JsonOpt",
+    "MaxMemoryOpt",
+    "ModelOpt",
+    "ModelOptions",
+    "QuietOpt",
+    "Tile",
+    "TileOpt",
+    "TileSizeOpt",
+    "VerboseOpt",
+    "attention_scope",
+    "load_model",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+_MODEL = "Model"
+_COMPUTE = "Compute"
+_OUTPUT = "Output"
+
+
+class Device(str, enum.Enum):
+    """Where the model runs."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class Dtype(str, enum.Enum):
+    """Floating dtype of the weights and activations."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class Tile(str, enum.Enum):
+    """Tiling mode: auto (only when the memory planner says it does not fit), off, exact or fast."""
+
+    auto = "auto"
+    off = "off"
+    exact = "exact"
+    fast = "fast"
+
+
+def _check_attention(name: str | None) -> str | None:
+    """Typer callback: an attention backend must be one of vaetool.nn.attention.BACKENDS."""
+    from vaetool.nn.attention import BACKENDS
+
+    if name is not None and name != "auto" and name not in BACKENDS:
+        raise typer.BadParameter(f"unknown backend {name!r}; choose one of auto, {', '.join(sorted(BACKENDS))}")
+    return name
+
+
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option("--config", "-c", help="YAML config (or shipped config name) of the VAE.", rich_help_panel=_MODEL),
+]
+CheckpointOpt = Annotated[
+    Path | None,
+    typer.Option("--checkpoint", help="Weights: .safetensors, or .ckpt/.pt/.pth/.bin (weights_only).", rich_help_panel=_MODEL),
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Shipped config name (sd1, sdxl, sd3, flux, tiny-f8, ...); the default model when no --config/--checkpoint.", rich_help_panel=_MODEL),
+]
+FamilyOpt = Annotated[
+    str | None,
+    typer.Option("--family", help="Latent family (sd1, sd2, sdxl, sd3, flux, svd, ...) when the config does not say.", rich_help_panel=_MODEL),
+]
+EmaOpt = Annotated[bool, typer.Option("--ema", help="Use the EMA weights of a training checkpoint.", rich_help_panel=_MODEL)]
+DeviceOpt = Annotated[
+    Device, typer.Option("--device", help="auto picks cuda, then mps, then cpu.", case_sensitive=False, rich_help_panel=_COMPUTE)
+]
+DtypeOpt = Annotated[
+    Dtype,
+    typer.Option("--dtype", help="auto: fp32 on CPU, fp16 on cuda/mps (a batch with NaN is redone in fp32).", case_sensitive=False, rich_help_panel=_COMPUTE),
+]
+AttentionOpt = Annotated[
+    str | None,
+    typer.Option("--attention", help="Attention backend (auto, sdpa, basic, ...).", callback=_check_attention, rich_help_panel=_COMPUTE),
+]
+TileOpt = Annotated[
+    Tile, typer.Option("--tile", help="Tiling: auto (only when needed), off, exact or fast.", case_sensitive=False, rich_help_panel=_COMPUTE)
+]
+TileSizeOpt = Annotated[
+    int | None, typer.Option("--tile-size", min=16, help="Tile edge in image pixels (default: from the memory planner).", rich_help_panel=_COMPUTE)
+]
+MaxMemoryOpt = Annotated[
+    str | None, typer.Option("--max-memory", help="Memory budget, e.g. 2GiB or 800MB (default: what the device has free).", rich_help_panel=_COMPUTE)
+]
+BatchSizeOpt = Annotated[
+    int | None, typer.Option("--batch-size", "-b", min=1, help="Images per batch (default: from the memory planner).", rich_help_panel=_COMPUTE)
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary table.", rich_help_panel=_OUTPUT)]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also report every file as it is done.", rich_help_panel=_OUTPUT)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.", rich_help_panel=_OUTPUT)]
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which VAE to load and where to run it (the model options of every command)."""
+
+    config: str | None = None
+    checkpoint: Path | None = None
+    model: str | None = None
+    family: str | None = None
+    ema: bool = False
+    device: Device = Device.auto
+    dtype: Dtype = Dtype.auto
+    attention: str | None = None
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    """How to fit the work in memory: tiling mode and size, memory budget, batch size."""
+
+    tile: Tile = Tile.auto
+    tile_size: int | None = None
+    max_memory: str | None = None
+    batch_size: int | None = None
+
+
+_DTYPES: dict[Dtype, str] = {Dtype.fp32: "float32", Dtype.fp16: "float16", Dtype.bf16: "bfloat16"}
+_AUTO_DTYPES: dict[str, str] = {"cpu": "float32", "cuda": "float16", "mps": "float16"}
+
+
+def _mps_available() -> bool:
+    import torch
+
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# device name -> is it usable here; --device auto takes the first usable one in this order
+_AVAILABLE: dict[str, Callable[[], bool]] = {"cuda": _cuda_available, "mps": _mps_available, "cpu": lambda: True}
+
+
+def resolve_device(device: Device | str) -> torch.device:
+    """The torch device for --device (auto: cuda, then mps, then cpu; the local rank's GPU under torchrun)."""
+    import os
+
+    import torch
+
+    from vaetool.errors import ConfigError
+
+    name = Device(device).value
+    if name == "auto":
+        name = next(n for n, usable in _AVAILABLE.items() if usable())
+    elif not _AVAILABLE[name]():
+        raise ConfigError(f"--device {name} is not available on this machine")
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return torch.device(name)
+
+
+def resolve_dtype(dtype: Dtype | str, device: torch.device) -> torch.dtype:
+    """The torch dtype for --dtype on `device` (auto: fp32 on CPU, fp16 on accelerators)."""
+    import torch
+
+    choice = Dtype(dtype)
+    name = _AUTO_DTYPES.get(device.type, "float32") if choice is Dtype.auto else _DTYPES[choice]
+    return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def attention_scope(opts: ModelOptions) -> Iterator[None]:
+    """Run the enclosed block with the attention backend chosen by --attention (no-op for auto/None)."""
+    from vaetool.nn.attention import use_attention
+
+    if opts.attention in (None, "auto"):
+        yield
+        return
+    with use_attention(opts.attention):
+        yield
+
+
+def load_model(opts: ModelOptions) -> Vae:
+    """Load the VAE that --config/--checkpoint/--model/--family/--ema name, on --device in --dtype."""
+    from vaetool.api import DEFAULT_MODEL, load_vae
+    from vaetool.errors import ConfigError
+
+    if opts.model is not None and opts.config is not None:
+        raise ConfigError("give --model or --config, not both")
+    config = opts.config or opts.model
+    if config is None and opts.checkpoint is None:
+        config = DEFAULT_MODEL
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    vae = load_vae(config, opts.checkpoint, family=opts.family, ema=opts.ema, device=device, dtype=dtype)
+    vae.source.setdefault("config_name", config)
+    return vae
