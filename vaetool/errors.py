@@ -24,3 +24,11 @@ class CheckpointError(VaeToolError):
 
 class InputError(VaeToolError):
     """An image, latent or other input file that cannot be used."""
+
+
+class OutputError(VaeToolError):
+    """An output file or directory that cannot be written."""
+
+
+class OutputExistsError(OutputError, FileExistsError):
+    """An output that already exists and may not be overwritten."""
