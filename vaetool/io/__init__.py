@@ -1,0 +1,1 @@
+"""File I/O for the commands: atomic writes, images, latent files, shards, input lists, manifests."""
