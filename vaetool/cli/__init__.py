@@ -66,9 +66,9 @@ def _root(
 
 
 def _register() -> None:
-    from vaetool.cli import info
+    from vaetool.cli import info, train
 
-    for module in (info,):
+    for module in (info, train):
         app.command(module.NAME, help=module.HELP)(run_command(module.command))
 
 

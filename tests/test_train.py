@@ -1,0 +1,154 @@
+"""`vaetool train`: loss goes down, EMA weights are saved, resume after a kill, decoder-only, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from vaetool.cli import app
+from vaetool.config import instantiate_from_config
+from vaetool.train import load_train_settings
+from vaetool.train.data import random_batch
+
+TINY_MODEL = {"target": "vaetool.AutoencoderKL", "params": {"embed_dim": 4, "ddconfig": {
+    "double_z": True, "z_channels": 4, "resolution": 32, "in_channels": 3, "out_ch": 3, "ch": 32,
+    "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}}}
+
+
+def _images(folder: Path, n: int, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(n):  # smooth random pictures: low-resolution noise upsampled
+        small = (torch.rand(6, 6, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        Image.fromarray(small).resize((48 + 8 * i, 40), Image.BICUBIC).save(folder / f"img{i}.png")
+    return folder
+
+
+def _config(tmp_path: Path, **top: object) -> Path:
+    doc = {"model": TINY_MODEL, "data": {"train": [str(_images(tmp_path / "train", 3))],
+                                          "val": [str(_images(tmp_path / "val", 1, seed=1))],
+                                          "crop": 32, "batch_size": 2, "color_jitter": 0.1},
+           "lr": 2e-3, "warmup": 1, "schedule": "constant", "steps": 12, "ema_decay": 0.9,
+           "checkpoint_every": 4, "val_every": 6, "log_every": 1, "loss": {"l1": 1.0, "mse": 1.0}} | top
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _fixed_batch_loss(weights: dict[str, torch.Tensor], cfg: Path) -> float:
+    settings = load_train_settings(cfg)
+    from vaetool.train.data import load_folder_images
+
+    x = random_batch(load_folder_images(settings.data.train, 32, print), settings.data, 10_000, 123)
+    model = instantiate_from_config(TINY_MODEL).eval()
+    model.load_state_dict(weights, strict=True)
+    with torch.no_grad():
+        mean, _ = model.encode_moments(x).chunk(2, dim=1)
+        return float((model.decode(mean) - x).abs().mean())
+
+
+def test_training_lowers_the_loss_and_saves_ema_weights(runner: CliRunner, tmp_path: Path) -> None:
+    cfg = _config(tmp_path, steps=30)
+    result = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "run"), "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    saved = safetensors.torch.load_file(str(tmp_path / "run" / "model.safetensors"))
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    raw = {k: v for k, v in state["model"].items() if not k.startswith("model_ema.")}
+    ema = {k: v for k, v in state["model"].items() if k.startswith("model_ema.")}
+    assert saved.keys() == raw.keys()
+    with torch.random.fork_rng(devices=[]):  # the same seeded initial weights the trainer built
+        torch.manual_seed(0)
+        init = instantiate_from_config(TINY_MODEL).state_dict()
+    assert _fixed_batch_loss(saved, cfg) < 0.9 * _fixed_batch_loss(init, cfg)
+    name = "decoder.conv_out.weight"
+    assert not torch.equal(saved[name], raw[name])  # the EMA differs from the raw weights ...
+    torch.testing.assert_close(saved[name], ema["model_ema." + name.replace(".", "")], rtol=0, atol=0)  # ... and is saved
+    log = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert log[0].startswith("step,loss") and len(log) == 31 and log[-1].split(",")[6] != ""  # val PSNR logged
+
+
+def _run(cfg: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vaetool", "train", str(cfg), "-o", str(out), "--quiet", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_resume_after_kill_continues_from_the_last_checkpoint(runner: CliRunner, tmp_path: Path) -> None:
+    cfg = _config(tmp_path, steps=400, checkpoint_every=5, val_every=1000)
+    out = tmp_path / "killed"
+    proc = _run(cfg, out)
+    deadline = time.time() + 120
+    while not (out / "state.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # no half-written checkpoint
+    last = int(torch.load(out / "state.pt", weights_only=True)["step"])
+    assert 0 < last < 400
+    total = last + 3
+    result = runner.invoke(app, ["train", str(cfg), "-o", str(out), "--steps", str(total), "--quiet", "--json"])
+    assert result.exit_code == 0, result.output
+    assert f'"resumed_from": {last}' in result.stdout and f'"step": {total}' in result.stdout
+    steps = [int(line.split(",")[0]) for line in (out / "log.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, total + 1))  # unsaved steps of the killed run were dropped, none repeated
+    straight = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "straight"), "--steps", str(total), "--quiet"])
+    assert straight.exit_code == 0, straight.output
+    a = safetensors.torch.load_file(str(out / "model.safetensors"))
+    b = safetensors.torch.load_file(str(tmp_path / "straight" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # resuming gives the uninterrupted run's weights
+
+
+def test_decoder_only_leaves_the_encoder_bit_identical(runner: CliRunner, tmp_path: Path) -> None:
+    cfg = _config(tmp_path, steps=4)
+    base = tmp_path / "base.safetensors"
+    torch.manual_seed(1)
+    safetensors.torch.save_file(instantiate_from_config(TINY_MODEL).state_dict(), str(base))
+    missing = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "x"), "--decoder-only"])
+    assert missing.exit_code == 1 and "--init" in missing.stderr
+    result = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "ft"), "--decoder-only", "--init", str(base), "--quiet"])
+    assert result.exit_code == 0, result.output
+    before, after = safetensors.torch.load_file(str(base)), safetensors.torch.load_file(str(tmp_path / "ft" / "model.safetensors"))
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["decoder.conv_out.weight"], after["decoder.conv_out.weight"])
+
+
+def test_empty_data_folder(runner: CliRunner, tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    for p in (tmp_path / "train").iterdir():
+        p.unlink()
+    result = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert str(tmp_path / "train") in result.stderr and "no images" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_corrupt_image_is_skipped_and_named(runner: CliRunner, tmp_path: Path) -> None:
+    cfg = _config(tmp_path, steps=2)
+    bad = tmp_path / "train" / "broken.png"
+    data = (tmp_path / "train" / "img0.png").read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    result = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "run"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "skipped" in result.stderr and str(bad) in result.stderr
+
+
+@pytest.mark.parametrize(("key", "where"), [({"stpes": 3}, "'stpes'"), ({"data": {"train": ["x"], "crops": 8}}, "'data.crops'")])
+def test_typo_in_a_key_is_named(runner: CliRunner, tmp_path: Path, key: dict, where: str) -> None:
+    cfg = _config(tmp_path)
+    doc = yaml.safe_load(cfg.read_text()) | key
+    cfg.write_text(yaml.safe_dump(doc))
+    result = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert where in result.stderr and str(cfg) in result.stderr and "did you mean" in result.stderr

@@ -1,0 +1,212 @@
+"""The training loop: reconstruction + KL, EMA weights, checkpoints every N steps, resume after a kill."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import yaml
+
+from vaetool import __version__
+from vaetool.checkpoints import load_checkpoint, load_into
+from vaetool.config import instantiate_from_config
+from vaetool.errors import CheckpointError
+from vaetool.nn.autoencoder import AutoencodingEngine
+from vaetool.train.data import center_crop, load_folder_images, random_batch, to_unit
+from vaetool.train.settings import TrainSettings
+
+STATE_FILE, WEIGHTS_FILE, LOG_FILE, SUMMARY_FILE = "state.pt", "model.safetensors", "log.csv", "summary.json"
+LOG_FIELDS = ("step", "loss", "l1", "mse", "kl", "lr", "val_psnr", "seconds")
+Progress = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run left behind."""
+
+    out_dir: Path
+    weights: Path
+    step: int
+    resumed_from: int
+    val_psnr: float | None
+    latent_std: float | None
+    seconds: float
+
+
+def build_model(settings: TrainSettings, init: str | Path | None, decoder_only: bool) -> AutoencodingEngine:
+    """The model from the config (seeded), optionally loaded from a checkpoint, with the encoder frozen for decoder-only."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        model = instantiate_from_config(copy.deepcopy(settings.model))
+    if init is not None:
+        loaded = load_checkpoint(init)
+        load_into(model, loaded.state_dict, loaded.path)
+    if decoder_only:
+        for module in (model.encoder, getattr(model, "quant_conv", None)):
+            if module is not None:
+                module.requires_grad_(False)
+    model.ema_decay, model.use_ema = settings.ema_decay, True
+    model._init_ema()  # shadows only the trainable parameters
+    return model
+
+
+def learning_rate(settings: TrainSettings, step: int) -> float:
+    """Linear warm-up, then constant or cosine decay to a tenth of the base rate."""
+    lr = settings.lr * min(1.0, (step + 1) / max(settings.warmup, 1))
+    if settings.schedule == "cosine":
+        lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / settings.steps, 1.0)))
+    return lr
+
+
+def psnr_uint8(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB between two images in [-1, 1] after quantising both to 8 bits."""
+    qa, qb = (((t.clamp(-1, 1) + 1) * 127.5).round() for t in (a, b))
+    mse = float(((qa - qb) ** 2).mean())
+    return 100.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+@torch.no_grad()
+def validate(model: AutoencodingEngine, images: list[torch.Tensor], size: int) -> tuple[float, float]:
+    """Mean PSNR over the validation images (posterior mode, EMA weights) and the latents' std."""
+    model.eval()
+    scores, latents = [], []
+    with model.ema_scope():
+        for img in images:
+            x = to_unit(center_crop(img, size))[None]  # [1, 3, H, W]
+            mean, _ = model.encode_moments(x).chunk(2, dim=1)  # [1, z, H/8, W/8]
+            scores.append(psnr_uint8(model.decode(mean), x))
+            latents.append(mean.flatten())
+    model.train()
+    return sum(scores) / len(scores), float(torch.cat(latents).std())
+
+
+def _atomic_save(write: Callable[[Path], None], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export_weights(model: AutoencodingEngine, path: Path, metadata: dict[str, str]) -> None:
+    """Save the EMA weights (the model's own keys, no EMA buffers) as .safetensors, atomically."""
+    with model.ema_scope():
+        sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if not k.startswith("model_ema.")}
+    _atomic_save(lambda p: safetensors.torch.save_file(sd, str(p), metadata=metadata), path)
+
+
+def _save_state(model: AutoencodingEngine, opt: torch.optim.Optimizer, step: int, path: Path) -> None:
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
+    _atomic_save(lambda p: torch.save(state, p), path)
+
+
+def _load_state(model: AutoencodingEngine, opt: torch.optim.Optimizer, path: Path) -> int:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"], strict=True)
+        opt.load_state_dict(state["optimizer"])
+        return int(state["step"])
+    except (RuntimeError, KeyError, OSError, EOFError) as err:
+        raise CheckpointError(f"cannot resume from this training state ({str(err).splitlines()[0]})", path) from None
+
+
+def _trim_log(path: Path, last_step: int) -> None:
+    """Drop log rows written after the checkpoint we resume from (the killed run's unsaved steps)."""
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= last_step]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def train(
+    settings: TrainSettings,
+    out_dir: str | Path,
+    *,
+    init: str | Path | None = None,
+    decoder_only: bool = False,
+    device: str = "cpu",
+    warn: Callable[[str], None] = print,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train (or resume training) as `settings` says; EMA weights land in out_dir/model.safetensors."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_images = load_folder_images(settings.data.train, settings.data.crop, warn)
+    val_images = load_folder_images(settings.data.val, 32, warn) if settings.data.val else []
+    model = build_model(settings, init, decoder_only).to(device).train()
+    params = [p for p in model.get_autoencoder_params() if p.requires_grad]
+    model.optimizer_config = settings.optimizer
+    opt = model.instantiate_optimizer_from_config(params, settings.lr, settings.optimizer)
+    start = _load_state(model, opt, out / STATE_FILE) if (out / STATE_FILE).exists() else 0
+    _trim_log(out / LOG_FILE, start)
+    new_log = not (out / LOG_FILE).exists()
+    log_file = (out / LOG_FILE).open("a", newline="")
+    log = csv.DictWriter(log_file, fieldnames=LOG_FIELDS)
+    if new_log:
+        log.writeheader()
+    began, val_psnr, latent_std = time.time(), None, None
+    try:
+        for step in range(start, settings.steps):
+            lr = learning_rate(settings, step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x = random_batch(train_images, settings.data, step, settings.seed).to(device)  # [B, 3, crop, crop]
+            torch.manual_seed(settings.seed * 1_000_003 + step)  # the posterior sample: a resumed run repeats it
+            _, dec, reg_log = model(x)
+            l1, mse = (dec - x).abs().mean(), ((dec - x) ** 2).mean()
+            kl = reg_log.get("kl_loss", torch.zeros((), device=device))
+            loss = settings.loss.l1 * l1 + settings.loss.mse * mse + settings.loss.kl * kl
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {float(loss)} at step {step + 1}; lower lr or check the data")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            model.on_train_batch_end()
+            done = step + 1
+            row: dict[str, Any] = {"step": done, "loss": float(loss.detach()), "l1": float(l1.detach()), "mse": float(mse.detach()),
+                                   "kl": float(kl.detach()), "lr": lr, "val_psnr": "", "seconds": round(time.time() - began, 2)}
+            if val_images and (done % settings.val_every == 0 or done == settings.steps):
+                val_psnr, latent_std = validate(model, val_images, settings.data.val_size)
+                row["val_psnr"] = round(val_psnr, 3)
+            if done % settings.log_every == 0 or row["val_psnr"] != "" or done == settings.steps:
+                log.writerow(row)
+                log_file.flush()
+            if done % settings.checkpoint_every == 0 or done == settings.steps:
+                _save_state(model, opt, done, out / STATE_FILE)
+                export_weights(model, out / WEIGHTS_FILE, _metadata(settings, done, val_psnr, latent_std))
+            if progress is not None:
+                progress(done, settings.steps, {k: row[k] for k in ("loss", "lr")} | ({"val_psnr": val_psnr} if val_psnr else {}))
+    finally:
+        log_file.close()
+    if start >= settings.steps and not (out / WEIGHTS_FILE).exists():
+        export_weights(model, out / WEIGHTS_FILE, _metadata(settings, start, None, None))
+    result = TrainResult(out, out / WEIGHTS_FILE, max(start, settings.steps), start, val_psnr, latent_std, time.time() - began)
+    summary = {"step": result.step, "resumed_from": start, "val_psnr": val_psnr, "latent_std": latent_std,
+               "seconds": round(result.seconds, 1), "weights": WEIGHTS_FILE, "decoder_only": decoder_only}
+    _atomic_save(lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"), out / SUMMARY_FILE)
+    return result
+
+
+def _metadata(settings: TrainSettings, step: int, val_psnr: float | None, latent_std: float | None) -> dict[str, str]:
+    meta = {"format": "vaetool.weights", "vaetool_version": __version__, "step": str(step), "ema": "true",
+            "train_config": yaml.safe_dump({"model": settings.model, "steps": settings.steps}, sort_keys=False)}
+    if val_psnr is not None:
+        meta["val_psnr"] = f"{val_psnr:.3f}"
+    if latent_std is not None:
+        meta["latent_std"] = f"{latent_std:.5f}"
+    return meta

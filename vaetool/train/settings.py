@@ -1,0 +1,122 @@
+"""The training config: a YAML with the model, data, optimizer, loss and schedule, checked key by key."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vaetool.config import find_config_file, load_yaml
+from vaetool.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Where the images are and how training crops are made from them."""
+
+    train: list[str]
+    val: list[str] = field(default_factory=list)
+    crop: int = 128
+    batch_size: int = 4
+    scale: tuple[float, float] = (0.5, 1.0)  # random downscale of the source before cropping
+    flip: bool = True
+    rot90: bool = True
+    color_jitter: float = 0.0  # max relative change of brightness / saturation
+    val_size: int = 512  # validation images are centre-cropped to at most this (multiple of 8)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """Weights of the reconstruction terms and of the regularizer's KL."""
+
+    l1: float = 1.0
+    mse: float = 0.0
+    kl: float = 1e-6
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything `vaetool train` needs, from one YAML file."""
+
+    model: dict[str, Any]
+    data: DataSettings
+    loss: LossSettings = LossSettings()
+    optimizer: dict[str, Any] = field(default_factory=lambda: {"target": "torch.optim.AdamW"})
+    lr: float = 2e-4
+    warmup: int = 100
+    schedule: str = "cosine"  # or "constant"
+    steps: int = 1000
+    ema_decay: float = 0.999
+    checkpoint_every: int = 100
+    val_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    source: str = "<config>"
+
+
+SCHEDULES = ("cosine", "constant")
+
+
+def _check_keys(section: str, given: dict[str, Any], cls: type, source: str) -> None:
+    """Refuse a key the dataclass does not have, naming it and the closest known key."""
+    known = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
+    for key in given:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+            where = f"{section}.{key}" if section else key
+            raise ConfigError(f"unknown key {where!r}{hint}", source)
+
+
+def _model_section(value: Any, source: Path) -> dict[str, Any]:
+    """`model:` is a shipped config name, a YAML path (relative to the training config), or inline."""
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError("'model' must be a config name, a YAML path or a target/params mapping", source)
+    relative = source.parent / value
+    doc = load_yaml(relative if relative.exists() else find_config_file(value))
+    return doc.get("model", doc)
+
+
+def load_train_settings(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainSettings:
+    """Read a training YAML; unknown keys and bad values are ConfigErrors naming the key."""
+    path = Path(path)
+    doc = load_yaml(path) | (overrides or {})
+    _check_keys("", doc, TrainSettings, str(path))
+    for key in ("model", "data"):
+        if key not in doc:
+            raise ConfigError(f"missing required key {key!r}", path)
+    data = doc["data"]
+    if not isinstance(data, dict) or "train" not in data:
+        raise ConfigError("'data' must be a mapping with a 'train' list of image folders", path)
+    _check_keys("data", data, DataSettings, str(path))
+    _check_keys("loss", doc.get("loss") or {}, LossSettings, str(path))
+
+    def folders(value: Any) -> list[str]:
+        items = [value] if isinstance(value, str) else list(value or [])
+        return [str(p if Path(p).is_absolute() else (path.parent / p if (path.parent / p).exists() else Path(p))) for p in items]
+
+    try:
+        data_settings = DataSettings(**(data | {"train": folders(data["train"]), "val": folders(data.get("val"))}))
+        if "scale" in data:
+            data_settings = dataclasses.replace(data_settings, scale=tuple(float(s) for s in data["scale"]))
+        rest = {k: v for k, v in doc.items() if k not in ("model", "data", "loss")}
+        settings = TrainSettings(
+            model=_model_section(doc["model"], path),
+            data=data_settings,
+            loss=LossSettings(**(doc.get("loss") or {})),
+            source=str(path),
+            **rest,
+        )
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"bad value: {err}", path) from None
+    if settings.schedule not in SCHEDULES:
+        raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {settings.schedule!r}", path)
+    if settings.data.crop % 8 or settings.data.crop <= 0:
+        raise ConfigError(f"data.crop must be a positive multiple of 8, got {settings.data.crop}", path)
+    if settings.steps <= 0 or settings.data.batch_size <= 0:
+        raise ConfigError("steps and data.batch_size must be positive", path)
+    return settings
