@@ -1,0 +1,276 @@
+"""A VAE coder as a flat program of tileable ops, read off the model's modules (nothing is patched).
+
+Every op is either a `WindowOp` (optional GroupNorm+SiLU, optional nearest x2 upsample, a conv-like
+window function, optional residual / mix / activation: each output pixel depends on a small window
+of its input, so it can be computed tile by tile from a halo) or a `GlobalOp` (an attention block,
+run on the whole tensor). Activations are named slots; the executors in `vaetool.tiling.exact`
+run a program tile by tile with GroupNorm statistics pooled over all tiles, or fixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from vaetool.nn.blocks import AttnBlock, Downsample, NoAttn, ResnetBlock, Upsample
+from vaetool.nn.coders import Decoder, Encoder
+from vaetool.nn.temporal import AE3DConv, VideoResBlock
+
+TensorFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class TilingUnsupported(TypeError):
+    """A module the tiled executors do not know how to split into tiles."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """A conv-like function on a zero-padded window and its geometry along height and width."""
+
+    fn: TensorFn  # [N, Cin, h, w] (already padded) -> [N, Cout, h', w']
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    pad_lo: tuple[int, int]
+    pad_hi: tuple[int, int]
+
+    def out_size(self, n: int, dim: int) -> int:
+        """Output length along `dim` (0 rows, 1 columns) for an input of length `n`."""
+        return (n + self.pad_lo[dim] + self.pad_hi[dim] - self.kernel[dim]) // self.stride[dim] + 1
+
+    def in_range(self, a: int, b: int, dim: int) -> tuple[int, int]:
+        """Input positions [lo, hi) (unclipped: may reach into the padding) read by outputs [a, b)."""
+        lo = a * self.stride[dim] - self.pad_lo[dim]
+        return lo, (b - 1) * self.stride[dim] - self.pad_lo[dim] + self.kernel[dim]
+
+
+@dataclass(frozen=True)
+class Norm:
+    """GroupNorm (+ SiLU) parameters; `per_clip` pools statistics over the frames of a clip."""
+
+    weight: torch.Tensor  # [C]
+    bias: torch.Tensor  # [C]
+    groups: int
+    eps: float
+    per_clip: bool = False
+
+
+@dataclass(frozen=True)
+class WindowOp:
+    """out = act(mix(residual + window(upsample(silu(norm(src)))))), each part optional."""
+
+    src: str
+    out: str
+    window: Window
+    norm: Norm | None = None
+    upsample: bool = False
+    residual: str | None = None
+    shortcut: Window | None = None  # applied to the residual slot; None is the identity
+    alpha: torch.Tensor | None = None  # out = alpha * (res + y) + (1 - alpha) * res (video res blocks)
+    act: TensorFn | None = None
+
+    def inputs(self) -> tuple[str, ...]:
+        """Slots this op reads."""
+        return (self.src,) if self.residual is None else (self.src, self.residual)
+
+    def out_size(self, n: int, dim: int) -> int:
+        """Output length along `dim` for a source of length `n`."""
+        return self.window.out_size(2 * n if self.upsample else n, dim)
+
+
+@dataclass(frozen=True)
+class GlobalOp:
+    """An op that needs the whole tensor (attention): out = fn(src)."""
+
+    src: str
+    out: str
+    fn: TensorFn
+
+    def inputs(self) -> tuple[str, ...]:
+        """Slots this op reads."""
+        return (self.src,)
+
+
+Op = WindowOp | GlobalOp
+
+
+@dataclass
+class Program:
+    """Ops in execution order, from slot `input` to slot `output`; `frames` per clip for video ops."""
+
+    ops: list[Op] = field(default_factory=list)
+    input: str = "in"
+    output: str = "in"
+    frames: int = 1
+    out_channels: int = 0
+    factor: float = 1.0  # output size / input size (8 for an f8 decoder, 1/8 for its encoder)
+    _count: int = 0
+
+    def slot(self) -> str:
+        """A fresh slot name."""
+        self._count += 1
+        return f"s{self._count}"
+
+    def add(self, op: Op) -> str:
+        """Append `op`; returns its output slot."""
+        self.ops.append(op)
+        self.output = op.out
+        return op.out
+
+    def last_use(self) -> dict[str, int]:
+        """Index of the last op reading each slot (the output slot is never freed)."""
+        last: dict[str, int] = {}
+        for i, op in enumerate(self.ops):
+            for s in op.inputs():
+                last[s] = i
+        last.pop(self.output, None)
+        return last
+
+    def normalized(self) -> dict[str, Norm]:
+        """Slots some op GroupNorms, with one of their norms (all norms of a slot share statistics)."""
+        return {op.src: op.norm for op in self.ops if isinstance(op, WindowOp) and op.norm is not None}
+
+
+def conv_window(m: nn.Conv2d) -> Window:
+    """A Conv2d (any kernel, stride, dilation, groups; zero padding) as a Window."""
+    if m.padding_mode != "zeros" or isinstance(m.padding, str):
+        raise TilingUnsupported(f"conv with padding {m.padding!r} / mode {m.padding_mode!r} cannot be tiled")
+    kernel = tuple(d * (k - 1) + 1 for k, d in zip(m.kernel_size, m.dilation))
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
+
+    return Window(fn, kernel, tuple(m.stride), tuple(m.padding), tuple(m.padding))  # type: ignore[arg-type]
+
+
+def conv3d_window(m: nn.Conv3d, frames: int) -> Window:
+    """A Conv3d over [B, C, T, H, W] applied to frames flattened in the batch, [B*T, C, H, W]."""
+    if m.stride[0] != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+        raise TilingUnsupported("a temporal conv with a time stride or non-zero padding cannot be tiled")
+    kernel = tuple(d * (k - 1) + 1 for k, d in zip(m.kernel_size[1:], m.dilation[1:]))
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        v = rearrange(x, "(b t) c h w -> b c t h w", t=frames)
+        y = F.conv3d(v, m.weight, m.bias, m.stride, (m.padding[0], 0, 0), m.dilation, m.groups)
+        return rearrange(y, "b c t h w -> (b t) c h w")
+
+    return Window(fn, kernel, tuple(m.stride[1:]), tuple(m.padding[1:]), tuple(m.padding[1:]))  # type: ignore[arg-type]
+
+
+IDENTITY = Window(lambda x: x, (1, 1), (1, 1), (0, 0), (0, 0))
+
+
+def _norm(m: nn.GroupNorm, per_clip: bool = False) -> Norm:
+    if not m.affine:
+        raise TilingUnsupported("GroupNorm without affine parameters is not supported")
+    return Norm(m.weight, m.bias, m.num_groups, float(m.eps), per_clip)
+
+
+def _resnet(p: Program, m: ResnetBlock, x: str) -> str:
+    """norm1-silu-conv1, then norm2-silu-conv2 + shortcut(x); a VideoResBlock adds its time stack."""
+    h = p.add(WindowOp(x, p.slot(), conv_window(m.conv1), _norm(m.norm1)))
+    shortcut = None
+    if m.in_channels != m.out_channels:
+        shortcut = conv_window(m.conv_shortcut if m.use_conv_shortcut else m.nin_shortcut)
+    out = p.add(WindowOp(h, p.slot(), conv_window(m.conv2), _norm(m.norm2), residual=x, shortcut=shortcut))
+    if not isinstance(m, VideoResBlock):
+        return out
+    stack = m.time_stack
+    t1 = p.add(WindowOp(out, p.slot(), conv3d_window(stack.in_layers[2], p.frames), _norm(stack.in_layers[0], True)))
+    alpha = m.get_alpha().detach()
+    return p.add(
+        WindowOp(t1, p.slot(), conv3d_window(stack.out_layers[3], p.frames), _norm(stack.out_layers[0], True),
+                 residual=out, alpha=alpha)
+    )
+
+
+def _attn(p: Program, m: nn.Module, x: str) -> str:
+    """A spatial (or spatio-temporal) attention block runs whole; `attn_type: none` is skipped."""
+    if isinstance(m, NoAttn):
+        return x
+    if not isinstance(m, AttnBlock):
+        raise TilingUnsupported(f"attention block {type(m).__name__} cannot be tiled")
+    frames = p.frames
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        return m(t, timesteps=frames)
+
+    return p.add(GlobalOp(x, p.slot(), fn))
+
+
+def _block(p: Program, m: nn.Module, x: str) -> str:
+    """Dispatch one module of a coder level by type."""
+    if isinstance(m, ResnetBlock):
+        return _resnet(p, m, x)
+    if isinstance(m, Upsample):
+        window = conv_window(m.conv) if m.with_conv else IDENTITY
+        return p.add(WindowOp(x, p.slot(), window, upsample=True))
+    if isinstance(m, Downsample):
+        if m.with_conv:  # pad right/bottom by one, then a stride-2 conv without padding
+            w = conv_window(m.conv)
+            return p.add(WindowOp(x, p.slot(), Window(w.fn, w.kernel, w.stride, (0, 0), (1, 1))))
+        pool = Window(lambda t: F.avg_pool2d(t, 2, 2), (2, 2), (2, 2), (0, 0), (0, 0))
+        return p.add(WindowOp(x, p.slot(), pool))
+    return _attn(p, m, x)
+
+
+def encoder_program(model: nn.Module) -> Program:
+    """The program of `model.encode_moments`: image [B, 3, H, W] -> moments [B, 2z, H/f, W/f]."""
+    enc = model.encoder
+    if type(enc) is not Encoder:
+        raise TilingUnsupported(f"encoder {type(enc).__name__} cannot be tiled")
+    p = Program(factor=1.0 / 2 ** (enc.num_resolutions - 1))
+    x = p.add(WindowOp(p.input, p.slot(), conv_window(enc.conv_in)))
+    for i_level, down in enumerate(enc.down):
+        for i_block in range(enc.num_res_blocks):
+            x = _block(p, down.block[i_block], x)
+            if len(down.attn) > 0:
+                x = _block(p, down.attn[i_block], x)
+        if i_level != enc.num_resolutions - 1:
+            x = _block(p, down.downsample, x)
+    for m in (enc.mid.block_1, enc.mid.attn_1, enc.mid.block_2):
+        x = _block(p, m, x)
+    x = p.add(WindowOp(x, p.slot(), conv_window(enc.conv_out), _norm(enc.norm_out)))
+    p.out_channels = enc.conv_out.out_channels
+    if hasattr(model, "quant_conv"):
+        x = p.add(WindowOp(x, p.slot(), conv_window(model.quant_conv)))
+        p.out_channels = model.quant_conv.out_channels
+    return p
+
+
+def decoder_program(model: nn.Module, frames: int = 1) -> Program:
+    """The program of `model.decode`: latent [B*T, z, h, w] -> image [B*T, 3, h*f, w*f]."""
+    dec = model.decoder
+    if not isinstance(dec, Decoder):
+        raise TilingUnsupported(f"decoder {type(dec).__name__} cannot be tiled")
+    p = Program(frames=frames, factor=float(2 ** (dec.num_resolutions - 1)))
+    x = p.input
+    if hasattr(model, "post_quant_conv"):
+        x = p.add(WindowOp(x, p.slot(), conv_window(model.post_quant_conv)))
+    x = p.add(WindowOp(x, p.slot(), conv_window(dec.conv_in)))
+    for m in (dec.mid.block_1, dec.mid.attn_1, dec.mid.block_2):
+        x = _block(p, m, x)
+    for i_level in reversed(range(dec.num_resolutions)):
+        up = dec.up[i_level]
+        for i_block in range(dec.num_res_blocks + 1):
+            x = _block(p, up.block[i_block], x)
+            if len(up.attn) > 0:
+                x = _block(p, up.attn[i_block], x)
+        if i_level != 0:
+            x = _block(p, up.upsample, x)
+    if dec.give_pre_end:
+        p.out_channels = dec.conv_out.in_channels
+        return p
+    act = torch.tanh if dec.tanh_out else None
+    conv_out = dec.conv_out
+    if isinstance(conv_out, AE3DConv):  # Conv2d, then a Conv3d across frames of its output
+        x = p.add(WindowOp(x, p.slot(), conv_window(conv_out), _norm(dec.norm_out)))
+        p.add(WindowOp(x, p.slot(), conv3d_window(conv_out.time_mix_conv, frames), act=act))
+    else:
+        p.add(WindowOp(x, p.slot(), conv_window(conv_out), _norm(dec.norm_out), act=act))
+    p.out_channels = conv_out.out_channels
+    return p
