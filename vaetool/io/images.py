@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-PIL_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "DIB", "TIFF")  # MPO: camera JPEGs with a preview
+PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "DIB", "TIFF")  # JPEG includes MPO (camera JPEGs with a preview)
 DEFAULT_MAX_PIXELS = 128 * 1024 * 1024  # ~11585 x 11585; below Pillow's own hard limit
 Background = tuple[int, int, int]
 ORIENTATION_TAG = 0x0112
