@@ -29,7 +29,7 @@ from vaetool.io.atomic import atomic_write
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "LATENT_SUFFIXES", "LatentItem", "check_channels", "decode_metadata",
-    "encode_metadata", "load_latents", "read_safetensors_header", "save_latent", "validate_latent",
+    "encode_metadata", "load_latents", "read_safetensors_header", "read_tensors", "save_latent", "validate_latent",
 ]
 
 LATENT_SUFFIXES: tuple[str, ...] = (".safetensors", ".latent", ".npz", ".npy", ".pt", ".pth")
@@ -160,7 +160,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]
     return header, {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
-def _read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of a safetensors file; InputError if it cannot be read."""
     try:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in keys}
@@ -176,10 +177,10 @@ def _load_safetensors(path: Path) -> list[LatentItem]:
 
         return load_shard(path)
     if "latent" in header:  # vaetool's own (or a file that names its tensor the same way)
-        tensor = validate_latent(_read_tensors(path, ["latent"])["latent"], path)
+        tensor = validate_latent(read_tensors(path, ["latent"])["latent"], path)
         return _items(path, path.stem, tensor, decode_metadata(meta))
     if "latent_tensor" in header:  # ComfyUI SaveLatent
-        tensor = validate_latent(_read_tensors(path, ["latent_tensor"])["latent_tensor"], path)
+        tensor = validate_latent(read_tensors(path, ["latent_tensor"])["latent_tensor"], path)
         info: dict[str, Any] = {"source_format": "comfyui", "scaled": False}
         if COMFY_MARKER not in header:
             tensor = tensor / COMFY_LEGACY_SCALE  # legacy files hold raw * 0.18215 whatever the model
@@ -189,7 +190,7 @@ def _load_safetensors(path: Path) -> list[LatentItem]:
     candidates = [k for k, v in header.items() if len(v.get("shape", ())) in (3, 4)]
     if len(candidates) != 1:
         raise InputError(f"no latent tensor inside (tensors: {', '.join(sorted(header)) or 'none'})", path)
-    tensor = validate_latent(_read_tensors(path, candidates)[candidates[0]], path, f"tensor {candidates[0]!r}")
+    tensor = validate_latent(read_tensors(path, candidates)[candidates[0]], path, f"tensor {candidates[0]!r}")
     return _items(path, path.stem, tensor, {"source_format": "safetensors", **meta})
 
 

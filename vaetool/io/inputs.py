@@ -1,0 +1,142 @@
+"""Input lists: files, folders (top level or recursive), globs and --files-from lists -> InputFiles.
+
+Each InputFile keeps `rel`, its path relative to the folder (or glob base) it was found under, so
+outputs can mirror the input tree under -o. The result is sorted by rel, deduplicated by real
+path, and refused when two different inputs would be written to the same output.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import TextIO
+
+from vaetool.errors import InputError
+from vaetool.io.images import IMAGE_SUFFIXES
+
+__all__ = ["InputFile", "collect_inputs", "output_path", "read_list"]
+
+GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """An input file and its path relative to where it was found (used to mirror the tree)."""
+
+    path: Path
+    rel: PurePath
+
+
+def _visible(rel: PurePath) -> bool:
+    """Hidden files and folders (dot names: editor files, our own temp files) are skipped."""
+    return not any(part.startswith(".") for part in rel.parts)
+
+
+def _wanted(path: Path, suffixes: Sequence[str]) -> bool:
+    return path.suffix.lower() in suffixes and path.is_file()
+
+
+def _from_dir(directory: Path, recursive: bool, suffixes: Sequence[str]) -> Iterator[InputFile]:
+    found = directory.rglob("*") if recursive else directory.iterdir()
+    for path in found:
+        rel = path.relative_to(directory)
+        if _visible(rel) and _wanted(path, suffixes):
+            yield InputFile(path, PurePath(rel))
+
+
+def _glob_base(pattern: str) -> Path:
+    """The folder part of a glob before its first wildcard ("data/**/*.png" -> data)."""
+    parts = PurePath(pattern).parts
+    first = next(i for i, p in enumerate(parts) if GLOB_CHARS & set(p))
+    return Path(*parts[:first]) if first else Path(".")
+
+
+def _from_glob(pattern: str, suffixes: Sequence[str]) -> Iterator[InputFile]:
+    base = _glob_base(pattern)
+    for match in glob.glob(pattern, recursive=True):  # hidden names are not matched by * or **
+        path = Path(match)
+        if _wanted(path, suffixes):
+            yield InputFile(path, PurePath(path.relative_to(base)))
+
+
+def _from_arg(arg: str, recursive: bool, suffixes: Sequence[str], *, from_list: bool = False) -> list[InputFile]:
+    """One argument (or, with from_list, one --files-from entry: never a glob) -> its InputFiles."""
+    path = Path(arg)
+    if path.is_dir():
+        return list(_from_dir(path, recursive, suffixes))
+    if path.is_file():  # named explicitly: taken whatever its suffix
+        keep_tree = from_list and not path.is_absolute() and ".." not in path.parts
+        return [InputFile(path, PurePath(path) if keep_tree else PurePath(path.name))]
+    if not from_list and GLOB_CHARS & set(arg):
+        found = list(_from_glob(arg, suffixes))
+        if not found:
+            raise InputError(f"no {'/'.join(s.lstrip('.') for s in suffixes)} files match this pattern", arg)
+        return found
+    raise InputError("no such file or directory", arg)
+
+
+def read_list(lines: Iterable[str]) -> list[str]:
+    """Paths from a list, one per line; blank lines and # comments skipped."""
+    entries = (line.rstrip("\r\n").strip() for line in lines)
+    return [e for e in entries if e and not e.startswith("#")]
+
+
+def _read_files_from(source: str, stdin: TextIO) -> list[str]:
+    if source == "-":
+        return read_list(stdin)
+    try:
+        with open(source, encoding="utf-8") as f:
+            return read_list(f)
+    except FileNotFoundError:
+        raise InputError("no such file (--files-from)", source) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read the list: {getattr(err, 'strerror', None) or err}", source) from None
+
+
+def collect_inputs(
+    paths: Sequence[str],
+    *,
+    recursive: bool = False,
+    files_from: str | None = None,
+    suffixes: Sequence[str] = IMAGE_SUFFIXES,
+    stdin: TextIO | None = None,
+) -> list[InputFile]:
+    """Expand files, folders, globs and a --files-from list (`-` = stdin) into sorted, unique InputFiles.
+
+    Entries of a list are plain paths (no globbing; folders are expanded); a relative file entry
+    keeps its relative path as `rel`. A path that does not exist is an InputError naming it.
+    """
+    suffixes = tuple(s.lower() for s in suffixes)
+    found: list[InputFile] = []
+    for arg in paths:
+        found += _from_arg(arg, recursive, suffixes)
+    if files_from is not None:
+        for entry in _read_files_from(files_from, stdin or sys.stdin):
+            found += _from_arg(entry, recursive, suffixes, from_list=True)
+    unique: dict[str, InputFile] = {}
+    for item in sorted(found, key=lambda f: (f.rel.as_posix(), str(f.path))):
+        unique.setdefault(os.path.realpath(item.path), item)
+    result = sorted(unique.values(), key=lambda f: (f.rel.as_posix(), str(f.path)))
+    _check_collisions(result)
+    return result
+
+
+def _check_collisions(items: Sequence[InputFile]) -> None:
+    """Two inputs whose outputs would be the same file (a/x.png and b/x.png, or x.png and x.jpg)."""
+    seen: dict[str, InputFile] = {}
+    for item in items:
+        key = item.rel.with_suffix("").as_posix()
+        if key in seen:
+            other = seen[key]
+            raise InputError(f"{other.path} and {item.path} would be written to the same output "
+                             f"({item.rel.with_suffix('')}.*); pass their folder instead, or rename one", item.path)
+        seen[key] = item
+
+
+def output_path(item: InputFile, out_dir: str | Path, suffix: str) -> Path:
+    """Where the output of `item` goes: out_dir / rel with the new suffix (the input tree mirrored)."""
+    return Path(out_dir) / item.rel.with_suffix(suffix)

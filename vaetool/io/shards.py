@@ -1,0 +1,181 @@
+"""Sharded latents for very large sets: many latents per .safetensors file, plus an index.
+
+A shard `{prefix}-00000.safetensors` holds one tensor per item (tensor key = item key) and, in its
+safetensors metadata, "format": "vaetool.shard" and "items": JSON {key: item metadata}. Shards are
+written atomically, so a shard on disk is always complete; `{index}` (index.json by default) maps
+each key to its shard and shape and is rewritten atomically after every shard. Reopening a folder
+resumes: the keys of every complete shard of this prefix are reported by done_keys(), including
+a shard whose index update was lost to a kill.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from vaetool.errors import InputError, OutputExistsError
+from vaetool.io.atomic import atomic_write
+from vaetool.io.latents import (
+    FORMAT_VERSION, SHARD_FORMAT, LatentItem, read_safetensors_header, read_tensors, validate_latent,
+)
+
+__all__ = ["INDEX_FORMAT", "ShardWriter", "load_shard", "load_shard_dir", "read_index", "shard_keys"]
+
+INDEX_FORMAT = "vaetool.shard_index"
+
+
+def shard_keys(path: Path) -> dict[str, list[int]]:
+    """{key: shape} of one shard file, from its header only."""
+    header, meta = read_safetensors_header(path)
+    if meta.get("format") != SHARD_FORMAT:
+        raise InputError("not a vaetool shard (no format: vaetool.shard in its metadata)", path)
+    return {k: list(v["shape"]) for k, v in header.items()}
+
+
+def load_shard(path: str | Path) -> list[LatentItem]:
+    """Every item of one shard file, in key order, with its metadata."""
+    path = Path(path)
+    shapes = shard_keys(path)
+    _, meta = read_safetensors_header(path)
+    try:
+        items_meta = json.loads(meta.get("items", "{}"))
+    except ValueError:
+        raise InputError("corrupt shard metadata (items is not JSON)", path) from None
+    tensors = read_tensors(path, list(shapes))
+    out = []
+    for key in sorted(shapes):
+        latent = validate_latent(tensors[key], path, f"item {key!r}")  # [1, C, h, w]
+        if latent.shape[0] != 1:
+            raise InputError(f"item {key!r} has shape {tuple(tensors[key].shape)}; expected [C, h, w]", path)
+        out.append(LatentItem(key, latent[0], dict(items_meta.get(key, {})), path))
+    return out
+
+
+def read_index(path: str | Path) -> dict[str, Any]:
+    """The parsed index.json of a shard folder ({} items when the file is missing)."""
+    path = Path(path)
+    if not path.exists():
+        return {"format": INDEX_FORMAT, "format_version": FORMAT_VERSION, "items": {}}
+    try:
+        index = json.loads(path.read_text())
+        if not isinstance(index.get("items"), dict):
+            raise ValueError("no items")
+    except (ValueError, AttributeError) as err:
+        raise InputError(f"corrupt shard index: {err}", path) from None
+    return index
+
+
+def _shard_files(directory: Path, prefix: str | None = None) -> list[Path]:
+    pattern = re.compile(rf"^{re.escape(prefix) if prefix else '.+'}-\d{{5,}}\.safetensors$")
+    return sorted(p for p in directory.glob("*.safetensors") if pattern.match(p.name))
+
+
+def load_shard_dir(directory: str | Path) -> list[LatentItem]:
+    """Every item of every shard in a folder (shard files in name order, keys sorted within each)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputError("no such folder", directory)
+    shards = [p for p in _shard_files(directory) if read_safetensors_header(p)[1].get("format") == SHARD_FORMAT]
+    if not shards:
+        raise InputError("no vaetool shard files in this folder", directory)
+    return [item for shard in shards for item in load_shard(shard)]
+
+
+class ShardWriter:
+    """Collect latents and write them `shard_size` per file; a context manager (closing flushes)."""
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        shard_size: int,
+        *,
+        prefix: str = "shard",
+        index_name: str = "index.json",
+        overwrite: bool = False,
+    ) -> None:
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, not {shard_size}")
+        if not re.fullmatch(r"[\w.]+", prefix):
+            raise ValueError(f"shard prefix must be letters, digits, _ or ., not {prefix!r}")
+        self.out_dir = Path(out_dir)
+        self.shard_size = shard_size
+        self.prefix = prefix
+        self.index_path = self.out_dir / index_name
+        self.overwrite = overwrite
+        self._pending: dict[str, tuple[torch.Tensor, dict[str, Any]]] = {}
+        self._index = read_index(self.index_path)
+        self._index.setdefault("items", {})
+        existing = _shard_files(self.out_dir, prefix) if self.out_dir.is_dir() else []
+        if overwrite:
+            self._index["items"] = {k: v for k, v in self._index["items"].items() if not _ours(v["shard"], prefix)}
+            for shard in existing:
+                shard.unlink()
+            existing = []
+        for shard in existing:  # recover shards whose index update was lost
+            for key, shape in shard_keys(shard).items():
+                self._index["items"].setdefault(key, {"shard": shard.name, "shape": shape})
+        numbers = [int(p.stem.rsplit("-", 1)[1]) for p in existing]
+        self._next = max(numbers, default=-1) + 1
+        if overwrite or existing:
+            self._write_index()
+
+    def done_keys(self) -> set[str]:
+        """Keys already written to complete shards (skip these when resuming)."""
+        return set(self._index["items"])
+
+    def add(self, key: str, latent: torch.Tensor, metadata: dict[str, Any]) -> None:
+        """Queue one latent [C, h, w]; a full shard is written at once."""
+        if latent.ndim != 3:
+            raise ValueError(f"expected a latent [C, h, w], got {tuple(latent.shape)}")
+        if key in self._pending or key in self._index["items"]:
+            where = self._index["items"].get(key, {}).get("shard", "this run")
+            raise OutputExistsError(f"item {key!r} is already in {where}", self.out_dir)
+        self._pending[key] = (latent.detach().to("cpu").contiguous(), dict(metadata))
+        if len(self._pending) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the queued items as one shard (nothing when none are queued), then the index."""
+        if not self._pending:
+            return
+        name = f"{self.prefix}-{self._next:05d}.safetensors"
+        tensors = {k: t for k, (t, _) in self._pending.items()}
+        header = {"format": SHARD_FORMAT, "format_version": FORMAT_VERSION,
+                  "items": json.dumps({k: m for k, (_, m) in self._pending.items()}, sort_keys=True, allow_nan=False)}
+        atomic_write(self.out_dir / name, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=header))
+        self._next += 1
+        for key, tensor in tensors.items():
+            self._index["items"][key] = {"shard": name, "shape": list(tensor.shape)}
+        self._pending.clear()
+        self._write_index()
+
+    def _write_index(self) -> None:
+        self._index.update(format=INDEX_FORMAT, format_version=FORMAT_VERSION)
+        data = (json.dumps(self._index, indent=1, sort_keys=True) + "\n").encode()
+        atomic_write(self.index_path, lambda tmp: tmp.write_bytes(data), overwrite=True)
+
+    def close(self) -> None:
+        """Write what is still queued."""
+        self.flush()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
+        if kind is None:
+            self.close()
+            return
+        try:  # the queued items are complete: keep them even when the run fails
+            self.close()
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            pass
+
+
+def _ours(shard: str, prefix: str) -> bool:
+    return re.fullmatch(rf"{re.escape(prefix)}-\d{{5,}}\.safetensors", shard) is not None
