@@ -41,6 +41,7 @@ JSON_KEYS = "vaetool.json_keys"  # metadata entry listing the keys whose values 
 COMFY_MARKER = "latent_format_version_0"
 COMFY_LEGACY_SCALE = 0.18215  # ComfyUI .latent files without the marker hold raw * 0.18215
 TENSOR_KEYS = ("latent", "latents", "samples", "latent_tensor")  # in .pt dicts, in this order
+UNSAFE_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL (\S+)", re.IGNORECASE)  # torch's wordings vary by version
 NPZ_LATENTS = re.compile(r"^latents(?:_(\d+)x(\d+))?$")  # sd-scripts: "latents" or "latents_{h}x{w}"
 
 
@@ -240,7 +241,7 @@ def _load_pickle(path: Path) -> list[LatentItem]:
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if m := re.search(r"Unsupported global: GLOBAL (\S+)", str(err)):
+        if m := UNSAFE_GLOBAL.search(str(err)):
             raise InputError(f"unsafe pickle: it would import {m[1]}; refusing to load it (only tensors and "
                              "plain containers are read)", path) from None
         raise InputError("unsafe or corrupt pickle, refusing to load it", path) from None
