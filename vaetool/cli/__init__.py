@@ -66,9 +66,9 @@ def _root(
 
 
 def _register() -> None:
-    from vaetool.cli import info, train
+    from vaetool.cli import decode, encode, info, train
 
-    for module in (info, train):
+    for module in (info, train, encode, decode):
         app.command(module.NAME, help=module.HELP)(run_command(module.command))
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from vaetool.cli.app_state import Debug
 
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
     from vaetool.api import Vae
+    from vaetool.pipeline import Event
 
 __all__ = [
     "AttentionOpt",
@@ -41,6 +44,7 @@ __all__ = [
     "ModelOpt",
     "ModelOptions",
     "QuietOpt",
+    "Reporter",
     "Tile",
     "TileOpt",
     "TileSizeOpt",
@@ -235,3 +239,50 @@ def load_model(opts: ModelOptions) -> Vae:
     vae = load_vae(config, opts.checkpoint, family=opts.family, ema=opts.ema, device=device, dtype=dtype)
     vae.source.setdefault("config_name", config)
     return vae
+
+
+class Reporter:
+    """What a long command tells the user on stderr: a Rich progress bar (images/s, ETA) when stderr is a
+    terminal and not --quiet, one line per failed file (always), one per file with --verbose, and notices."""
+
+    def __init__(self, total: int, *, quiet: bool = False, verbose: bool = False, label: str = "working") -> None:
+        from vaetool.cli import app_state
+
+        self.console, self.verbose = app_state.err_console, verbose
+        show = not quiet and self.console.is_terminal
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn(),
+            console=self.console, disable=not show, transient=False,
+        )
+        self.task = self.progress.add_task(label, total=total)
+
+    def __enter__(self) -> Reporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def print(self, text: str) -> None:
+        """One line on stderr (above the progress bar when there is one)."""
+        self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def notice(self, text: str) -> None:
+        """A one-off note, e.g. that a batch was redone in fp32."""
+        self.print(f"note: {text}")
+
+    def event(self, event: Event) -> None:
+        """Advance the bar and report a failure (or, with --verbose, every file)."""
+        if event.kind == "failed":
+            self.print(f"failed: {event.job.source}: {event.reason}")
+        elif self.verbose:
+            self.print(f"{event.kind}: {event.job.source}" + (f" -> {event.result}" if event.result is not None else ""))
+        self.progress.advance(self.task)
+
+
+class _RateColumn(ProgressColumn):
+    """Images per second of a task, for the progress bar."""
+
+    def render(self, task: Task) -> Text:
+        """The task's current speed."""
+        return Text(f"{task.speed or 0:.1f} img/s")
