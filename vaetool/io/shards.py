@@ -88,7 +88,11 @@ def load_shard_dir(directory: str | Path) -> list[LatentItem]:
 
 
 class ShardWriter:
-    """Collect latents and write them `shard_size` per file; a context manager (closing flushes)."""
+    """Collect latents and write them `shard_size` per file; a context manager (closing flushes).
+
+    `overwrite` deletes this prefix's existing shards (and their index entries) when opened.
+    Processes sharing a folder (torchrun ranks) need their own `prefix` and `index_name`.
+    """
 
     def __init__(
         self,
