@@ -92,6 +92,8 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         claim = f"{int(pixels[1])} pixels" if pixels else "too many pixels"
         raise InputError(f"refusing to decode: the image claims {claim}, more than the limit of {max_pixels} "
                          "(a decompression bomb?)", path) from None
+    except PermissionError:
+        raise InputError("permission denied", path) from None
     except UnidentifiedImageError:
         raise InputError("not an image, or not a PNG, JPEG, WebP, BMP or TIFF file", path) from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:

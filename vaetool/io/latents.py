@@ -14,7 +14,7 @@ import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,10 +110,8 @@ def validate_latent(tensor: Any, path: Path, what: str = "latent") -> torch.Tens
         raise InputError(f"{what} has dtype {tensor.dtype}, not real numbers", path)
     t = tensor.detach().to("cpu", torch.float32)
     t = t[None] if t.ndim == 3 else t  # [B, C, h, w]
-    if torch.isnan(t).any():
-        raise InputError(f"{what} contains NaN values", path)
-    if torch.isinf(t).any():
-        raise InputError(f"{what} contains Inf values", path)
+    if not torch.isfinite(t).all():
+        raise InputError(f"{what} contains {'NaN' if torch.isnan(t).any() else 'Inf'} values", path)
     return t.contiguous()
 
 
@@ -123,6 +121,13 @@ def check_channels(item: LatentItem, channels: int, model: str = "the model") ->
         raise InputError(
             f"latent {item.name!r} has {item.channels} channels but {model} takes {channels}; "
             "wrong --model/--family for this file?", item.source)
+
+
+def _listing(keys: Iterable[Any], limit: int = 5) -> str:
+    """A short, one-line list of names: 'a, b, c, ... (40 in all)'."""
+    names = sorted(map(str, keys))
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return (", ".join(names[:limit]) + more) or "none"
 
 
 def _items(path: Path, stem: str, tensor: torch.Tensor, metadata: dict[str, Any]) -> list[LatentItem]:
@@ -190,7 +195,7 @@ def _load_safetensors(path: Path) -> list[LatentItem]:
         return _items(path, path.stem, tensor, {**extra, **info})
     candidates = [k for k, v in header.items() if len(v.get("shape", ())) in (3, 4)]
     if len(candidates) != 1:
-        raise InputError(f"no latent tensor inside (tensors: {', '.join(sorted(header)) or 'none'})", path)
+        raise InputError(f"no latent tensor inside (tensors: {_listing(header)})", path)
     tensor = validate_latent(read_tensors(path, candidates)[candidates[0]], path, f"tensor {candidates[0]!r}")
     return _items(path, path.stem, tensor, {"source_format": "safetensors", **meta})
 
@@ -210,7 +215,7 @@ def _load_npz(path: Path) -> list[LatentItem]:
         if len(arrays) == 1:  # np.savez(path, array)
             (key, array), = arrays.items()
             return _items(path, path.stem, validate_latent(array, path, f"array {key!r}"), {"source_format": "npz"})
-        raise InputError(f"no latent array inside (arrays: {', '.join(sorted(arrays)) or 'none'})", path)
+        raise InputError(f"no latent array inside (arrays: {_listing(arrays)})", path)
     items = []
     for key, m in found:
         suffix = key[len("latents"):]
@@ -251,7 +256,7 @@ def _load_pickle(path: Path) -> list[LatentItem]:
     if isinstance(obj, dict):
         key = next((k for k in TENSOR_KEYS if k in obj), None)
         if key is None:
-            raise InputError(f"no latent tensor inside (keys: {', '.join(map(str, obj)) or 'none'}; expected one of "
+            raise InputError(f"no latent tensor inside (keys: {_listing(obj)}; expected one of "
                              f"{', '.join(TENSOR_KEYS)})", path)
         if key == "samples":  # ComfyUI's LATENT dict: raw latents
             info |= {"source_format": "comfyui", "scaled": False}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,20 +112,34 @@ def _chunks(blob: bytes) -> list[tuple[bytes, bytes]]:
         pos = end
 
 
-def _paeth_row(row: bytearray, prev: bytes, bpp: int) -> None:
-    for i in range(len(row)):
-        a = row[i - bpp] if i >= bpp else 0
-        b = prev[i]
-        c = prev[i - bpp] if i >= bpp else 0
+def _paeth_row(row: np.ndarray, prev: np.ndarray, bpp: int) -> np.ndarray:
+    out, up = bytearray(row.tobytes()), prev.tobytes()
+    for i in range(len(out)):
+        a = out[i - bpp] if i >= bpp else 0
+        b = up[i]
+        c = up[i - bpp] if i >= bpp else 0
         p = a + b - c
         pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-        row[i] = (row[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 0xFF
+        out[i] = (out[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 0xFF
+    return np.frombuffer(out, np.uint8)
 
 
-def _average_row(row: bytearray, prev: bytes, bpp: int) -> None:
-    for i in range(len(row)):
-        a = row[i - bpp] if i >= bpp else 0
-        row[i] = (row[i] + ((a + prev[i]) >> 1)) & 0xFF
+def _average_row(row: np.ndarray, prev: np.ndarray, bpp: int) -> np.ndarray:
+    out, up = bytearray(row.tobytes()), prev.tobytes()
+    for i in range(len(out)):
+        a = out[i - bpp] if i >= bpp else 0
+        out[i] = (out[i] + ((a + up[i]) >> 1)) & 0xFF
+    return np.frombuffer(out, np.uint8)
+
+
+# filter type -> (filtered row, reconstructed previous row, bytes per pixel) -> reconstructed row
+UNFILTERS: dict[int, Callable[[np.ndarray, np.ndarray, int], np.ndarray]] = {
+    0: lambda row, prev, bpp: row,
+    1: lambda row, prev, bpp: np.cumsum(row.reshape(-1, bpp), axis=0, dtype=np.uint8).reshape(-1),  # Sub
+    2: lambda row, prev, bpp: row + prev,  # Up (uint8 wraps modulo 256)
+    3: _average_row,
+    4: _paeth_row,
+}
 
 
 def _unfilter(raw: np.ndarray, bpp: int) -> np.ndarray:
@@ -133,19 +148,10 @@ def _unfilter(raw: np.ndarray, bpp: int) -> np.ndarray:
     out = np.empty((h, stride), np.uint8)
     prev = np.zeros(stride, np.uint8)
     for y in range(h):
-        kind, row = int(raw[y, 0]), raw[y, 1:]
-        if kind == 0:
-            out[y] = row
-        elif kind == 1:  # Sub: running sum over pixels, per byte position
-            out[y] = np.cumsum(row.reshape(-1, bpp), axis=0, dtype=np.uint8).reshape(-1)
-        elif kind == 2:
-            out[y] = row + prev
-        elif kind in (3, 4):
-            buf = bytearray(row.tobytes())
-            (_average_row if kind == 3 else _paeth_row)(buf, prev.tobytes(), bpp)
-            out[y] = np.frombuffer(buf, np.uint8)
-        else:
-            raise PngFormatError(f"corrupt PNG (unknown filter type {kind} in row {y})")
+        unfilter = UNFILTERS.get(int(raw[y, 0]))
+        if unfilter is None:
+            raise PngFormatError(f"corrupt PNG (unknown filter type {int(raw[y, 0])} in row {y})")
+        out[y] = unfilter(raw[y, 1:], prev, bpp)
         prev = out[y]
     return out
 
