@@ -101,6 +101,9 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"corrupt safetensors file: {_first_line(err)}", path) from None
 
 
+UNSAFE_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL (\S+)", re.IGNORECASE)  # torch's wordings vary by version
+
+
 def _load_pickle(path: Path) -> Any:
     what = "checkpoint" if path.suffix.lower() in PICKLE_SUFFIXES else "file (neither safetensors nor a torch pickle?)"
     try:
@@ -108,7 +111,7 @@ def _load_pickle(path: Path) -> Any:
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before failing or not
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if m := re.search(r"Unsupported global: GLOBAL (\S+)", str(err)):
+        if m := UNSAFE_GLOBAL.search(str(err)):
             raise CheckpointError(
                 f"unsafe pickle: it would import {m[1]}; refusing to load it (only tensors and plain "
                 "containers are read; convert it to .safetensors with a tool you trust)", path
