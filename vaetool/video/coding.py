@@ -1,0 +1,191 @@
+"""Videos through a Vae: frames -> latents [T, C, h, w] with the image encoder, latents -> frames
+with the temporal decoder a chunk at a time (or an image-only decoder frame by frame).
+
+Spatial tiling (vaetool.tiling, exact mode: it also handles the temporal layers' per-clip
+GroupNorm and time convolutions) applies to every batch of frames and every chunk when asked
+for or when the memory planner (vaetool.memory) says a chunk does not fit; both modules are
+optional here and everything runs untiled without them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from vaetool.api import Vae
+from vaetool.errors import ConfigError
+from vaetool.io.images import pad_to_multiple, to_uint8
+from vaetool.video.chunks import DecodeFn, iter_decode_chunks, validate_chunking
+from vaetool.video.frames import Frame
+
+__all__ = [
+    "DEFAULT_CHUNK_FRAMES", "DEFAULT_OVERLAP", "DecodePlan", "decode_video", "encode_frames", "frame_decoder",
+    "is_temporal", "plan_decode",
+]
+
+DEFAULT_CHUNK_FRAMES = 14  # SVD's decode_chunk_size: the clip length it was trained to decode
+DEFAULT_OVERLAP = 3  # frames shared by consecutive chunks (capped at half a chunk)
+DEFAULT_BATCH = 4  # frames per encoder call without a memory planner
+MAX_AUTO_BATCH = 16  # the most frames per encoder call the planner is asked for
+DEFAULT_TILE = 512  # image pixels, --tile exact without --tile-size or a planner
+TILE_MODES = ("auto", "off", "exact")
+
+
+def _optional(name: str) -> ModuleType | None:
+    """vaetool.tiling / vaetool.memory when installed (they are optional for video)."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"vaetool.{name}")
+    except ImportError:
+        return None
+
+
+def is_temporal(vae: Vae) -> bool:
+    """Whether the VAE's decoder has temporal layers (an SVD VideoDecoder)."""
+    from vaetool.nn.temporal import VideoDecoder
+
+    return isinstance(vae.model.decoder, VideoDecoder)
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How latents become frames: clip length per decoder call, frames shared by chunks, tile (None: untiled)."""
+
+    temporal: bool
+    chunk_frames: int
+    overlap: int
+    tile: int | None
+
+
+def _planned(vae: Vae, op: str, height: int, width: int, batch: int, max_memory: str | None) -> tuple[int, int | None] | None:
+    """(batch that fits, tile or None) from the memory planner, or None without one."""
+    from vaetool.pipeline import memory_plan
+
+    p = memory_plan(vae, op, height, width, batch, max_memory)
+    return None if p is None else (int(p.batch_size), None if p.fits_untiled else int(p.tile))
+
+
+def _tile(mode: str, tile_size: int | None, planned: int | None) -> int | None:
+    """The tile for --tile MODE: off never tiles, exact always, auto when the planner says so."""
+    if mode not in TILE_MODES:
+        raise ConfigError(f"--tile {mode} is not available for video; choose one of {', '.join(TILE_MODES)}")
+    if mode == "off":
+        return None
+    if mode == "exact":
+        return tile_size or planned or DEFAULT_TILE
+    return None if planned is None else (tile_size or planned)
+
+
+def plan_decode(
+    vae: Vae,
+    frames: int,
+    height: int,
+    width: int,
+    *,
+    chunk_frames: int | None = None,
+    overlap: int | None = None,
+    tile: str = "auto",
+    tile_size: int | None = None,
+    max_memory: str | None = None,
+) -> DecodePlan:
+    """Chunking and tiling for decoding `frames` frames of height x width image pixels.
+
+    Temporal decoder: chunks of `chunk_frames` (default: the most, up to DEFAULT_CHUNK_FRAMES, the
+    memory planner fits) sharing `overlap` frames (default DEFAULT_OVERLAP, at most half a chunk).
+    Image-only decoder: batches of frames, no overlap.
+    """
+    temporal = is_temporal(vae)
+    want = chunk_frames or max(1, min(DEFAULT_CHUNK_FRAMES, frames))
+    planned = _planned(vae, "decode", height, width, want, max_memory) if tile != "off" else None
+    chunk = chunk_frames or (planned[0] if planned else want)
+    tile_px = _tile(tile, tile_size, planned[1] if planned else None)
+    if not temporal:
+        return DecodePlan(False, chunk, 0, tile_px)
+    ov = min(DEFAULT_OVERLAP, chunk // 2) if overlap is None else overlap
+    try:
+        validate_chunking(chunk, ov)
+    except ValueError as err:
+        raise ConfigError(f"--chunk-frames {chunk} / --overlap {ov}: {err}") from None
+    return DecodePlan(True, chunk, ov, tile_px)
+
+
+def frame_decoder(vae: Vae, plan: DecodePlan, *, scaled: bool = False) -> DecodeFn:
+    """decode(z [L, C, h, w], L) -> images [L, 3, h*f, w*f]: one clip of L frames (or L independent frames)."""
+    tiling = _optional("tiling") if plan.tile else None
+    if plan.tile and tiling is None:
+        raise ConfigError("tiling needs vaetool.tiling, which this installation lacks; use --tile off")
+
+    def decode(z: torch.Tensor, n: int) -> torch.Tensor:
+        kwargs: dict[str, Any] = {"timesteps": n} if plan.temporal else {}
+        if tiling is None:
+            return vae.decode(z, scaled=scaled, **kwargs)  # [L, 3, H, W]
+        z = z.to(vae.device, vae.dtype)
+        z = vae.latent_format.to_raw(z) if scaled else z
+        return tiling.decode_exact(vae.model, z, plan.tile, timesteps=n if plan.temporal else 1)
+
+    return decode
+
+
+def decode_video(
+    vae: Vae, latents: torch.Tensor, plan: DecodePlan, *, scaled: bool = False, size: tuple[int, int] | None = None
+) -> Iterator[np.ndarray]:
+    """Latents [T, C, h, w] -> uint8 frames [H, W, 3] in order, cropped to `size` (H, W) when given."""
+    decode = frame_decoder(vae, plan, scaled=scaled)
+    overlap = plan.overlap if plan.temporal else 0
+    for _, images in iter_decode_chunks(decode, latents, plan.chunk_frames, overlap):
+        images = images.cpu()  # [n, 3, H, W]
+        if size is not None:
+            images = images[..., : size[0], : size[1]]
+        for image in images:
+            yield to_uint8(image)
+
+
+def encode_frames(
+    vae: Vae,
+    frames: Iterable[Frame],
+    *,
+    batch_size: int | None = None,
+    tile: str = "auto",
+    tile_size: int | None = None,
+    max_memory: str | None = None,
+    scaled: bool = False,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Frames (all one size) -> (latents [T, C, ceil(H/f), ceil(W/f)] float32 on CPU, (H, W)); posterior mode.
+
+    Frames are padded on the bottom/right to a multiple of the VAE's downscale (replicate);
+    decode crops back to (H, W). `tile`: auto | off | exact | fast, as in vaetool.pipeline.
+    """
+    from vaetool.pipeline import encoder_moments
+
+    f = vae.downscale
+    moments = encoder_moments(tile, tile_size, max_memory)(vae)  # tiles only when asked or needed
+    out: list[torch.Tensor] = []
+    batch: list[torch.Tensor] = []
+    size: tuple[int, int] | None = None
+
+    def flush() -> None:
+        x, _ = pad_to_multiple(torch.stack(batch), f)  # [B, 3, H', W']
+        z = moments(x.to(vae.device, vae.dtype))[0].float().cpu()  # posterior mean [B, C, h, w]
+        out.append(vae.latent_format.to_scaled(z) if scaled else z)
+        batch.clear()
+
+    for frame in frames:
+        if size is None:
+            size = (int(frame.image.shape[1]), int(frame.image.shape[2]))
+            if batch_size is None:
+                planned = _planned(vae, "encode", size[0], size[1], MAX_AUTO_BATCH, max_memory) if tile != "off" else None
+                batch_size = max(1, planned[0]) if planned else DEFAULT_BATCH
+        batch.append(frame.image)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if size is None:
+        raise ValueError("no frames to encode")
+    return torch.cat(out), size
