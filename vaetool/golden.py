@@ -66,6 +66,7 @@ class GoldenResult:
     golden: Path
     metrics: ImageMetrics | None = None
     reasons: list[str] = field(default_factory=list)
+    reference: np.ndarray | None = field(default=None, repr=False, compare=False)  # the golden [H, W, 3] uint8
 
     @property
     def ok(self) -> bool:
@@ -97,14 +98,17 @@ def check(output: np.ndarray, golden: Path, thresholds: Thresholds) -> GoldenRes
     """Compare an output [H, W, 3] uint8 with the golden at `golden`."""
     if not golden.exists():
         return GoldenResult(Status.missing, golden, reasons=["no golden image (run with --update-golden)"])
-    expected = read_uint8_png(golden)  # [H, W, 3]
+    try:
+        expected = read_uint8_png(golden)  # [H, W, 3]
+    except InputError as err:
+        return GoldenResult(Status.failed, golden, reasons=[str(err)])
     if expected.shape != output.shape:
         got, want = output.shape[1::-1], expected.shape[1::-1]
         reason = f"size {got[0]}x{got[1]} differs from the golden's {want[0]}x{want[1]}"
         return GoldenResult(Status.failed, golden, reasons=[reason])
     metrics = compare(output, expected)
     reasons = thresholds.failures(metrics)
-    return GoldenResult(Status.failed if reasons else Status.passed, golden, metrics, reasons)
+    return GoldenResult(Status.failed if reasons else Status.passed, golden, metrics, reasons, expected)
 
 
 # inferno-like colour map anchors: 0 (black) ... 1 (pale yellow)
@@ -134,7 +138,7 @@ def write_heatmap(path: Path, output: np.ndarray, reference: np.ndarray, text: d
     from vaetool.io.images import save_png
 
     image, scale = heatmap(output, reference)
-    notes = text | {"vaetool:heatmap": f"max over channels of |output - reference|, brightest = {scale} levels"}
+    notes = text | {"vaetool.heatmap": f"max over channels of |output - reference|, brightest = {scale} levels"}
     save_png(path, uint8_to_unit(image), bits=8, text=notes, overwrite=True)
     return path
 

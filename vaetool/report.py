@@ -15,7 +15,7 @@ class Case:
     """One test case of a JUnit report: an image and what happened to it."""
 
     name: str
-    seconds: float = 0.0
+    seconds: float | None = None  # left out of the XML when unknown
     failures: tuple[str, ...] = ()  # regressions: the limits it broke
     error: str | None = None  # it could not be processed at all
     output: str = ""  # metrics and paths, shown by CI systems as the case's stdout
@@ -26,13 +26,15 @@ class Case:
         return "error" if self.error is not None else "failed" if self.failures else "passed"
 
 
-def junit_tree(suite: str, cases: Sequence[Case], properties: dict[str, str] | None = None) -> ET.ElementTree:
-    """A JUnit XML document (<testsuites><testsuite><testcase>...) for `cases`."""
+def junit_tree(
+    suite: str, cases: Sequence[Case], properties: dict[str, str] | None = None, seconds: float | None = None
+) -> ET.ElementTree:
+    """A JUnit XML document (<testsuites><testsuite><testcase>...) for `cases`; `seconds`: the run's wall time."""
     counts = {"tests": len(cases), "failures": 0, "errors": 0, "skipped": 0}
     for case in cases:
         counts["failures"] += case.outcome == "failed"
         counts["errors"] += case.outcome == "error"
-    total = sum(c.seconds for c in cases)
+    total = seconds if seconds is not None else sum(c.seconds or 0.0 for c in cases)
     root = ET.Element("testsuites", {"name": suite, **{k: str(v) for k, v in counts.items()}, "time": f"{total:.3f}"})
     node = ET.SubElement(root, "testsuite", {"name": suite, **{k: str(v) for k, v in counts.items()}, "time": f"{total:.3f}"})
     if properties:
@@ -40,7 +42,10 @@ def junit_tree(suite: str, cases: Sequence[Case], properties: dict[str, str] | N
         for key, value in properties.items():
             ET.SubElement(props, "property", {"name": key, "value": value})
     for case in cases:
-        tc = ET.SubElement(node, "testcase", {"classname": suite, "name": case.name, "time": f"{case.seconds:.3f}"})
+        attrs = {"classname": suite, "name": case.name}
+        if case.seconds is not None:
+            attrs["time"] = f"{case.seconds:.3f}"
+        tc = ET.SubElement(node, "testcase", attrs)
         if case.error is not None:
             ET.SubElement(tc, "error", {"message": case.error}).text = case.error
         elif case.failures:
@@ -52,11 +57,13 @@ def junit_tree(suite: str, cases: Sequence[Case], properties: dict[str, str] | N
     return ET.ElementTree(root)
 
 
-def write_junit(path: Path, suite: str, cases: Sequence[Case], properties: dict[str, str] | None = None) -> Path:
+def write_junit(
+    path: Path, suite: str, cases: Sequence[Case], properties: dict[str, str] | None = None, seconds: float | None = None
+) -> Path:
     """Write the JUnit XML of `cases` to `path` atomically; returns the path."""
     from vaetool.io.atomic import atomic_write
 
-    tree = junit_tree(suite, cases, properties)
+    tree = junit_tree(suite, cases, properties, seconds)
     data = ET.tostring(tree.getroot(), encoding="utf-8", xml_declaration=True) + b"\n"
     atomic_write(path, lambda tmp: tmp.write_bytes(data), overwrite=True)
     return path

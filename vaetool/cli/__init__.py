@@ -66,9 +66,9 @@ def _root(
 
 
 def _register() -> None:
-    from vaetool.cli import decode, encode, info, train
+    from vaetool.cli import decode, encode, info, roundtrip, train
 
-    for module in (info, train, encode, decode):
+    for module in (info, train, encode, decode, roundtrip):
         app.command(module.NAME, help=module.HELP)(run_command(module.command))
 
 

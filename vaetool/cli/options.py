@@ -245,7 +245,7 @@ class Reporter:
     """What a long command tells the user on stderr: a Rich progress bar (images/s, ETA) when stderr is a
     terminal and not --quiet, one line per failed file (always), one per file with --verbose, and notices."""
 
-    def __init__(self, total: int, *, quiet: bool = False, verbose: bool = False, label: str = "working") -> None:
+    def __init__(self, total: int | None, *, quiet: bool = False, verbose: bool = False, label: str = "working") -> None:
         from vaetool.cli import app_state
 
         self.console, self.verbose = app_state.err_console, verbose
