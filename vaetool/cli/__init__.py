@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from vaetool.cli import app_state
 from vaetool.errors import VaeToolError
@@ -51,7 +52,7 @@ def run_command(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (Exception, KeyboardInterrupt) as err:  # the one place errors become messages
             if app_state.debug:
                 raise
-            app_state.err_console.print(f"[red]error:[/red] {_message(err)}", markup=True, highlight=False, soft_wrap=True)
+            app_state.err_console.print(f"[red]error:[/red] {escape(_message(err))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(130 if isinstance(err, KeyboardInterrupt) else 1) from None
 
     return wrapper
@@ -66,9 +67,9 @@ def _root(
 
 
 def _register() -> None:
-    from vaetool.cli import decode, encode, info, roundtrip, train
+    from vaetool.cli import decode, encode, info, roundtrip, train, video
 
-    for module in (info, train, encode, decode, roundtrip):
+    for module in (info, train, encode, decode, video, roundtrip):
         app.command(module.NAME, help=module.HELP)(run_command(module.command))
 
 

@@ -153,7 +153,7 @@ def _video(path: Path, max_pixels: int) -> tuple[VideoInfo, Iterator[Frame]]:
     av = require_av(path)
     try:
         container = av.open(str(path))
-    except av.FFmpegError as err:
+    except av.error.FFmpegError as err:
         raise InputError(f"not a readable video file: {_first_line(err)}", path) from None
     if not container.streams.video:
         container.close()
@@ -172,7 +172,7 @@ def _video(path: Path, max_pixels: int) -> tuple[VideoInfo, Iterator[Frame]]:
                 for frame in container.decode(stream):
                     yield Frame(f"frame {i}", _to_tensor(frame.to_ndarray(format="rgb24")))  # [3, H, W]
                     i += 1
-            except av.FFmpegError as err:
+            except av.error.FFmpegError as err:
                 raise InputError(f"frame {i}: corrupt video data: {_first_line(err)}", path) from None
         if i == 0:
             raise InputError("the video has no frames", path)

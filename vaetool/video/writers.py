@@ -165,7 +165,7 @@ class AvWriter:
                 self._open(*frame.shape[:2])
             for packet in self.stream.encode(self.av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 self.container.mux(packet)
-        except self.av.FFmpegError as err:
+        except self.av.error.FFmpegError as err:
             raise OutputError(f"cannot encode video ({self.codec}): {err}", self.path) from None
 
     def commit(self) -> None:
@@ -176,7 +176,7 @@ class AvWriter:
             for packet in self.stream.encode():
                 self.container.mux(packet)
             self.container.close()
-        except self.av.FFmpegError as err:
+        except self.av.error.FFmpegError as err:
             raise OutputError(f"cannot encode video ({self.codec}): {err}", self.path) from None
         self.container = None
         atomic_write(self.path, lambda tmp: os.replace(self.tmp, tmp), overwrite=self.overwrite)
