@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import torch
 import typer
@@ -20,6 +20,7 @@ from vaetool.cli.options import (
     AttentionOpt,
     BatchSizeOpt,
     CheckpointOpt,
+    ComputeOptions,
     ConfigOpt,
     Debug,
     Device,
@@ -40,6 +41,10 @@ from vaetool.cli.options import (
     load_model,
 )
 from vaetool.errors import InputError, OutputError
+
+if TYPE_CHECKING:
+    from vaetool.api import Vae
+    from vaetool.video.coding import DecodePlan
 
 NAME = "video"
 HELP = ("Videos: frames folder / GIF / mp4 -> latents (encode), latents -> PNG frames / GIF / mp4 (decode), "
@@ -78,17 +83,51 @@ def _check_outputs(mode: Mode, outputs: list[Path], overwrite: bool) -> None:
         check_output(out, overwrite=overwrite)
 
 
-def _decode_to(vae: Any, latents: torch.Tensor, outputs: list[Path], *, fps: float, size: tuple[int, int], scaled: bool,
-               plan: Any, overwrite: bool) -> None:
+class Clip(NamedTuple):
+    """A video's latents [T, C, h, w] and how to play them back."""
+
+    latents: torch.Tensor
+    fps: float
+    size: tuple[int, int]  # (H, W) of the frames
+    scaled: bool
+
+
+def _read_latents(vae: Vae, path: Path, fps: float | None, name: str) -> Clip:
+    """A video latent file, checked against the model."""
+    from vaetool.video.frames import DEFAULT_FPS
+    from vaetool.video.store import is_scaled, load_video_latents, original_size
+
+    latents, meta = load_video_latents(path)
+    if latents.shape[1] != vae.latent_format.channels:
+        raise InputError(f"latents have {latents.shape[1]} channels but {name} takes {vae.latent_format.channels}; "
+                         "wrong --model/--config for this file?", path)
+    if meta.get("family") not in (None, "unknown", vae.latent_format.family):
+        _note(f"warning: the latents were encoded for family {meta['family']}, the model is {vae.latent_format.family}")
+    rate = fps or float(meta.get("fps") or DEFAULT_FPS)
+    return Clip(latents, rate, original_size(meta, latents, vae.downscale, path), is_scaled(meta))
+
+
+def _encode_input(vae: Vae, path: Path, compute: ComputeOptions, *, fps: float | None, resize: bool, scaled: bool) -> Clip:
+    """A frame folder, animation or video file, encoded frame by frame."""
+    from vaetool.video.coding import encode_frames
+    from vaetool.video.frames import open_frames
+
+    info, frames = open_frames(path, fps=fps, resize=resize)
+    latents, size = encode_frames(vae, frames, batch_size=compute.batch_size, tile=compute.tile.value,
+                                  tile_size=compute.tile_size, max_memory=compute.max_memory, scaled=scaled)
+    return Clip(latents, info.fps, size, scaled)
+
+
+def _decode_to(vae: Vae, clip: Clip, outputs: list[Path], plan: DecodePlan, *, overwrite: bool) -> None:
     """Decode and feed every writer; all outputs are published at the end or none is."""
     from vaetool.video.coding import decode_video
-    from vaetool.video.writers import open_writer
+    from vaetool.video.writers import FrameWriter, open_writer
 
-    writers = []
+    writers: list[FrameWriter] = []
     try:
         for out in outputs:
-            writers.append(open_writer(out, fps=fps, frames=latents.shape[0], overwrite=overwrite))
-        for frame in decode_video(vae, latents, plan, scaled=scaled, size=size):  # [H, W, 3] uint8
+            writers.append(open_writer(out, fps=clip.fps, frames=clip.latents.shape[0], overwrite=overwrite))
+        for frame in decode_video(vae, clip.latents, plan, scaled=clip.scaled, size=clip.size):  # [H, W, 3] uint8
             for writer in writers:
                 writer.add(frame)
         for writer in writers:
@@ -126,48 +165,35 @@ def command(
     debug: Debug = False,
 ) -> None:
     """Encode a video to latents, decode latents to a video, or both."""
-    from vaetool.video.coding import encode_frames, is_temporal, plan_decode
-    from vaetool.video.frames import DEFAULT_FPS, open_frames
-    from vaetool.video.store import is_scaled, load_video_latents, original_size, save_video_latents, video_metadata
+    from vaetool.video.coding import is_temporal, plan_decode
+    from vaetool.video.store import save_video_latents, video_metadata
 
     _check_outputs(mode, output, overwrite)
     opts = ModelOptions(config=config, checkpoint=checkpoint, model=model, family=family, ema=ema, device=device,
                         dtype=dtype, attention=attention)
+    compute = ComputeOptions(tile=tile, tile_size=tile_size, max_memory=max_memory, batch_size=batch_size)
     vae = load_model(opts)
     name = vae.source.get("config_name") or vae.source.get("checkpoint") or "the model"
     summary: dict[str, Any] = {"mode": mode.value, "input": str(input_path), "outputs": [str(o) for o in output]}
     with attention_scope(opts):
         if mode is Mode.decode:
-            latents, meta = load_video_latents(input_path)
-            if latents.shape[1] != vae.latent_format.channels:
-                raise InputError(f"latents have {latents.shape[1]} channels but {name} takes {vae.latent_format.channels}; "
-                                 "wrong --model/--config for this file?", input_path)
-            if meta.get("family") not in (None, "unknown", vae.latent_format.family):
-                _note(f"warning: the latents were encoded for family {meta['family']}, the model is {vae.latent_format.family}")
-            rate = fps or float(meta.get("fps") or DEFAULT_FPS)
-            size = original_size(meta, latents, vae.downscale, input_path)
-            latent_scaled = is_scaled(meta)
+            clip = _read_latents(vae, input_path, fps, name)
         else:
-            info, frames = open_frames(input_path, fps=fps, resize=resize)
-            latents, size = encode_frames(vae, frames, batch_size=batch_size, tile=tile.value, tile_size=tile_size,
-                                          max_memory=max_memory, scaled=scaled and mode is Mode.encode)
-            rate, latent_scaled = info.fps, scaled and mode is Mode.encode
-        summary |= {"frames": int(latents.shape[0]), "fps": rate, "size": list(size), "latent_shape": list(latents.shape)}
+            clip = _encode_input(vae, input_path, compute, fps=fps, resize=resize, scaled=scaled and mode is Mode.encode)
+        t, _, h, w = clip.latents.shape
+        summary |= {"frames": t, "fps": clip.fps, "size": list(clip.size), "latent_shape": [t, clip.latents.shape[1], h, w]}
         if mode is Mode.encode:
-            meta = video_metadata(vae, fps=rate, frames=latents.shape[0], size=size, scaled=latent_scaled,
-                                  source=input_path.name)
-            save_video_latents(output[0], latents, meta, overwrite=overwrite)
+            meta = video_metadata(vae, fps=clip.fps, frames=t, size=clip.size, scaled=clip.scaled, source=input_path.name)
+            save_video_latents(output[0], clip.latents, meta, overwrite=overwrite)
         else:
             if not is_temporal(vae):
                 _note(f"note: {name} has no temporal layers (image-only decoder); decoding frame by frame")
             f = vae.downscale
-            plan = plan_decode(vae, latents.shape[0], latents.shape[-2] * f, latents.shape[-1] * f,
-                               chunk_frames=chunk_frames, overlap=overlap, tile=tile.value, tile_size=tile_size,
-                               max_memory=max_memory)
+            plan = plan_decode(vae, t, h * f, w * f, chunk_frames=chunk_frames, overlap=overlap, batch_size=batch_size,
+                               tile=tile.value, tile_size=tile_size, max_memory=max_memory)
             summary |= {"temporal": plan.temporal, "chunk_frames": plan.chunk_frames, "overlap": plan.overlap, "tile": plan.tile}
-            _decode_to(vae, latents, output, fps=rate, size=size, scaled=latent_scaled, plan=plan, overwrite=overwrite)
+            _decode_to(vae, clip, output, plan, overwrite=overwrite)
     if as_json:
         typer.echo(json.dumps(summary))
     elif not quiet:
-        h, w = size
-        _note(f"{mode.value}: {summary['frames']} frames {w}x{h} at {rate:g} fps -> {', '.join(summary['outputs'])}")
+        _note(f"{mode.value}: {t} frames {clip.size[1]}x{clip.size[0]} at {clip.fps:g} fps -> {', '.join(summary['outputs'])}")

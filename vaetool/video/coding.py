@@ -1,18 +1,17 @@
 """Videos through a Vae: frames -> latents [T, C, h, w] with the image encoder, latents -> frames
 with the temporal decoder a chunk at a time (or an image-only decoder frame by frame).
 
-Spatial tiling (vaetool.tiling, exact mode: it also handles the temporal layers' per-clip
+Spatial tiling (vaetool.tiling, exact or fast: both handle the temporal layers' per-clip
 GroupNorm and time convolutions) applies to every batch of frames and every chunk when asked
-for or when the memory planner (vaetool.memory) says a chunk does not fit; both modules are
-optional here and everything runs untiled without them.
+for, or when the memory planner (vaetool.memory) says a chunk does not fit; without a planner
+`auto` runs untiled.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from types import ModuleType
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,21 +28,16 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_FRAMES = 14  # SVD's decode_chunk_size: the clip length it was trained to decode
-DEFAULT_OVERLAP = 3  # frames shared by consecutive chunks (capped at half a chunk)
-DEFAULT_BATCH = 4  # frames per encoder call without a memory planner
-MAX_AUTO_BATCH = 16  # the most frames per encoder call the planner is asked for
-DEFAULT_TILE = 512  # image pixels, --tile exact without --tile-size or a planner
-TILE_MODES = ("auto", "off", "exact")
-
-
-def _optional(name: str) -> ModuleType | None:
-    """vaetool.tiling / vaetool.memory when installed (they are optional for video)."""
-    import importlib
-
-    try:
-        return importlib.import_module(f"vaetool.{name}")
-    except ImportError:
-        return None
+DEFAULT_OVERLAP = 3  # frames shared by consecutive chunks (capped at half a chunk); see bench/bench_video.py
+DEFAULT_BATCH = 4  # frames per encoder / image-decoder call without a memory planner
+MAX_AUTO_BATCH = 16  # the most frames per call the planner is asked for
+DEFAULT_TILE = 512  # image pixels, --tile exact/fast without --tile-size or a planner
+# --tile mode -> (module, function) of the tiled decoder; both take timesteps for a temporal decoder
+TILED_DECODERS: dict[str, tuple[str, str]] = {
+    "exact": ("vaetool.tiling.exact", "decode_exact"),
+    "fast": ("vaetool.tiling.fast", "decode_fast"),
+}
+TILE_MODES = ("auto", "off", *TILED_DECODERS)
 
 
 def is_temporal(vae: Vae) -> bool:
@@ -55,12 +49,13 @@ def is_temporal(vae: Vae) -> bool:
 
 @dataclass(frozen=True)
 class DecodePlan:
-    """How latents become frames: clip length per decoder call, frames shared by chunks, tile (None: untiled)."""
+    """How latents become frames: frames per decoder call, frames shared by chunks, tile (None: untiled)."""
 
     temporal: bool
     chunk_frames: int
     overlap: int
     tile: int | None
+    tile_mode: str = "exact"
 
 
 def _planned(vae: Vae, op: str, height: int, width: int, batch: int, max_memory: str | None) -> tuple[int, int | None] | None:
@@ -71,15 +66,15 @@ def _planned(vae: Vae, op: str, height: int, width: int, batch: int, max_memory:
     return None if p is None else (int(p.batch_size), None if p.fits_untiled else int(p.tile))
 
 
-def _tile(mode: str, tile_size: int | None, planned: int | None) -> int | None:
-    """The tile for --tile MODE: off never tiles, exact always, auto when the planner says so."""
+def _tile(mode: str, tile_size: int | None, planned: int | None) -> tuple[int | None, str]:
+    """(tile px or None, tiled decoder) for --tile MODE: off never tiles, exact/fast always, auto when the planner says so."""
     if mode not in TILE_MODES:
         raise ConfigError(f"--tile {mode} is not available for video; choose one of {', '.join(TILE_MODES)}")
     if mode == "off":
-        return None
-    if mode == "exact":
-        return tile_size or planned or DEFAULT_TILE
-    return None if planned is None else (tile_size or planned)
+        return None, "exact"
+    if mode == "auto":
+        return (None if planned is None else tile_size or planned), "exact"
+    return tile_size or planned or DEFAULT_TILE, mode
 
 
 def plan_decode(
@@ -90,6 +85,7 @@ def plan_decode(
     *,
     chunk_frames: int | None = None,
     overlap: int | None = None,
+    batch_size: int | None = None,
     tile: str = "auto",
     tile_size: int | None = None,
     max_memory: str | None = None,
@@ -98,36 +94,42 @@ def plan_decode(
 
     Temporal decoder: chunks of `chunk_frames` (default: the most, up to DEFAULT_CHUNK_FRAMES, the
     memory planner fits) sharing `overlap` frames (default DEFAULT_OVERLAP, at most half a chunk).
-    Image-only decoder: batches of frames, no overlap.
+    Image-only decoder: independent frames in batches of `batch_size`, no overlap.
     """
     temporal = is_temporal(vae)
-    want = chunk_frames or max(1, min(DEFAULT_CHUNK_FRAMES, frames))
+    fixed = chunk_frames if temporal else batch_size
+    want = fixed or max(1, min(DEFAULT_CHUNK_FRAMES if temporal else MAX_AUTO_BATCH, frames))
     planned = _planned(vae, "decode", height, width, want, max_memory) if tile != "off" else None
-    chunk = chunk_frames or (planned[0] if planned else want)
-    tile_px = _tile(tile, tile_size, planned[1] if planned else None)
+    chunk = fixed or (planned[0] if planned else want if temporal else min(DEFAULT_BATCH, want))
+    tile_px, tile_mode = _tile(tile, tile_size, planned[1] if planned else None)
     if not temporal:
-        return DecodePlan(False, chunk, 0, tile_px)
+        return DecodePlan(False, chunk, 0, tile_px, tile_mode)
     ov = min(DEFAULT_OVERLAP, chunk // 2) if overlap is None else overlap
     try:
         validate_chunking(chunk, ov)
     except ValueError as err:
         raise ConfigError(f"--chunk-frames {chunk} / --overlap {ov}: {err}") from None
-    return DecodePlan(True, chunk, ov, tile_px)
+    return DecodePlan(True, chunk, ov, tile_px, tile_mode)
 
 
 def frame_decoder(vae: Vae, plan: DecodePlan, *, scaled: bool = False) -> DecodeFn:
     """decode(z [L, C, h, w], L) -> images [L, 3, h*f, w*f]: one clip of L frames (or L independent frames)."""
-    tiling = _optional("tiling") if plan.tile else None
-    if plan.tile and tiling is None:
-        raise ConfigError("tiling needs vaetool.tiling, which this installation lacks; use --tile off")
+    if plan.tile is None:
+        tiled = None
+    else:
+        module, name = TILED_DECODERS[plan.tile_mode]
+        try:
+            tiled = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            raise ConfigError(f"--tile {plan.tile_mode} needs {module}, which this installation lacks; use --tile off") from None
 
     def decode(z: torch.Tensor, n: int) -> torch.Tensor:
-        kwargs: dict[str, Any] = {"timesteps": n} if plan.temporal else {}
-        if tiling is None:
+        kwargs = {"timesteps": n} if plan.temporal else {}
+        if tiled is None:
             return vae.decode(z, scaled=scaled, **kwargs)  # [L, 3, H, W]
         z = z.to(vae.device, vae.dtype)
         z = vae.latent_format.to_raw(z) if scaled else z
-        return tiling.decode_exact(vae.model, z, plan.tile, timesteps=n if plan.temporal else 1)
+        return tiled(vae.model, z, plan.tile, **kwargs)  # [L, 3, H, W]
 
     return decode
 
