@@ -1,0 +1,149 @@
+"""`vaetool roundtrip`: metrics on the written 8-bit images, reports, determinism, golden runs."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+
+from vaetool import metrics
+from vaetool.api import load_vae
+from vaetool.cli import app
+
+MODEL = ["--model", "tiny-f8"]
+
+
+def _rgb(path: Path, w: int, h: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))  # smooth, so the model keeps something
+    pixels = np.clip(ramp + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """in/a.png 20x12 (padded to 24x16 and cropped back), in/sub/b.png 16x16."""
+    _rgb(tmp_path / "in" / "a.png", 20, 12, 1)
+    _rgb(tmp_path / "in" / "sub" / "b.png", 16, 16, 2)
+    return tmp_path / "in"
+
+
+def _roundtrip(runner, *args: str):  # noqa: ANN001, ANN202 - CliRunner types
+    return runner.invoke(app, ["roundtrip", *args, *MODEL])
+
+
+def test_metrics_are_those_of_the_written_pngs(runner, tmp_path: Path, images: Path) -> None:
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    result = _roundtrip(runner, str(images), "-r", "-o", str(out), "--report", str(report), "--junit", str(tmp_path / "j.xml"))
+    assert result.exit_code == 0, result.output
+    assert "overall (2)" in result.stdout and "a.png" in result.stdout
+    doc = json.loads(report.read_text())
+    rows = {row["image"]: row for row in doc["images"]}
+    assert set(rows) == {"a.png", "sub/b.png"}
+    for key, row in rows.items():
+        written, original = _pixels(out / key), _pixels(images / key)
+        assert written.shape == original.shape
+        assert row["vs_input"]["psnr"] == pytest.approx(metrics.psnr(written, original), abs=1e-3)
+        assert row["vs_input"]["ssim"] == pytest.approx(metrics.ssim(written, original), abs=1e-5)
+        assert row["vs_input"]["max_diff"] == metrics.max_abs_diff(written, original)
+        assert row["status"] == "ok"
+    assert doc["overall"]["vs_input"]["max_diff"] == max(r["vs_input"]["max_diff"] for r in rows.values())
+    assert doc["passed"] is True and doc["model"]["config"] == "tiny-f8"
+    suite = ET.parse(tmp_path / "j.xml").getroot().find("testsuite")
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("2", "0", "0")
+
+
+def test_output_is_what_the_library_round_trip_gives(runner, tmp_path: Path, images: Path) -> None:
+    from vaetool.io.images import load_image, pad_to_multiple, to_uint8
+
+    result = _roundtrip(runner, str(images / "a.png"), "-o", str(tmp_path / "out"), "--quiet")
+    assert result.exit_code == 0, result.output
+    vae = load_vae("tiny-f8")
+    padded, (h, w) = pad_to_multiple(load_image(images / "a.png"), 8)  # [3, 16, 24]
+    want = to_uint8(vae.decode(vae.encode(padded[None]))[0, :, :h, :w])
+    assert np.abs(_pixels(tmp_path / "out" / "a.png").astype(int) - want.astype(int)).max() <= 1
+
+
+def test_same_inputs_and_settings_give_bit_identical_files(runner, tmp_path: Path, images: Path) -> None:
+    for run in ("one", "two"):
+        result = _roundtrip(runner, str(images), "-r", "-o", str(tmp_path / run), "--quiet")
+        assert result.exit_code == 0, result.output
+    for key in ("a.png", "sub/b.png"):
+        assert (tmp_path / "one" / key).read_bytes() == (tmp_path / "two" / key).read_bytes()
+
+
+def _perturbed_checkpoint(path: Path) -> Path:
+    """tiny-f8's weights plus 2 % noise: a deliberate regression."""
+    gen = torch.Generator().manual_seed(1)
+    state = load_vae("tiny-f8").model.state_dict()
+    noisy = {k: (v + 0.02 * v.std() * torch.randn(v.shape, generator=gen) if v.numel() > 1 else v).contiguous() for k, v in state.items()}
+    safetensors.torch.save_file(noisy, path)
+    return path
+
+
+def test_golden_run_passes_then_catches_a_changed_model(runner, tmp_path: Path, images: Path) -> None:
+    golden, out, junit = tmp_path / "golden", tmp_path / "out", tmp_path / "junit.xml"
+    result = _roundtrip(runner, str(images), "-r", "-o", str(out), "--golden", str(golden), "--update-golden", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert (golden / "a.png").exists() and (golden / "sub" / "b.png").exists()
+
+    result = _roundtrip(runner, str(images), "-r", "-o", str(out), "--golden", str(golden), "--junit", str(junit))
+    assert result.exit_code == 0, result.output
+    assert "golden PSNR" in result.stdout
+    assert not (out / "heatmaps").exists()
+
+    ckpt = _perturbed_checkpoint(tmp_path / "perturbed.safetensors")
+    report = tmp_path / "report.json"
+    result = _roundtrip(runner, str(images), "-r", "-o", str(out), "--golden", str(golden), "--junit", str(junit),
+                        "--report", str(report), "--checkpoint", str(ckpt))
+    assert result.exit_code == 1
+    assert "regression: a.png" in result.stderr
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert (suite.get("tests"), suite.get("failures")) == ("2", "2")
+    failures = {tc.get("name"): tc.find("failure") for tc in suite.iter("testcase")}
+    assert all(f is not None and "PSNR" in f.get("message") for f in failures.values())
+    for key in ("a.png", "sub/b.png"):
+        heat = out / "heatmaps" / key
+        assert _pixels(heat).shape == _pixels(images / key).shape
+    rows = {row["image"]: row for row in json.loads(report.read_text())["images"]}
+    assert all(row["status"] == "failed" and row["heatmap"] for row in rows.values())
+
+
+def test_missing_goldens_and_input_thresholds_fail(runner, tmp_path: Path, images: Path) -> None:
+    result = _roundtrip(runner, str(images), "-r", "-o", str(tmp_path / "out"), "--golden", str(tmp_path / "none"), "--quiet")
+    assert result.exit_code == 1
+    assert "no golden image" in result.stderr
+    # without goldens, a limit given explicitly applies to the reconstruction of the input
+    result = _roundtrip(runner, str(images / "a.png"), "-o", str(tmp_path / "rec"), "--min-psnr", "99", "--quiet")
+    assert result.exit_code == 1
+    assert (tmp_path / "rec" / "heatmaps" / "a.png").exists()
+    assert _roundtrip(runner, str(images / "a.png"), "-o", str(tmp_path / "rec"), "--min-psnr", "1", "--quiet").exit_code == 0
+    assert not (tmp_path / "rec" / "heatmaps" / "a.png").exists()  # the stale heatmap is gone
+
+
+def test_a_bad_image_is_an_error_case_and_the_others_are_written(runner, tmp_path: Path, images: Path) -> None:
+    (images / "text.png").write_text("not a png")
+    junit = tmp_path / "j.xml"
+    result = _roundtrip(runner, str(images), "-r", "-o", str(tmp_path / "out"), "--junit", str(junit), "--quiet")
+    assert result.exit_code == 1
+    assert "text.png" in result.stderr
+    assert (tmp_path / "out" / "a.png").exists()
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite.get("errors") == "1"
+
+
+def test_update_golden_without_golden_is_a_usage_error(runner, tmp_path: Path, images: Path) -> None:
+    assert _roundtrip(runner, str(images), "-o", str(tmp_path / "o"), "--update-golden").exit_code == 2
