@@ -335,8 +335,8 @@ def print_summary(summary: Summary, extra: dict[str, Any], *, as_json: bool, qui
 
 
 def command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the PNGs; the input tree is mirrored.", show_default=False)],
     inputs: Annotated[list[str] | None, typer.Argument(help="Latent files, folders (shard folders too) or quoted globs.", show_default=False)] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for the PNGs; the input tree is mirrored.", show_default=False)] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Also take the latent files in subfolders.")] = False,
     files_from: Annotated[str | None, typer.Option("--files-from", help="Also decode the files listed in this file (one per line; - for stdin).")] = None,
     scaled: Annotated[bool | None, typer.Option("--scaled/--raw", help="Form of latents whose file does not say (default raw; files that record it are read as recorded).")] = None,
@@ -366,8 +366,6 @@ def command(
 
     if not inputs and files_from is None:
         raise usage_error("give latent files, folders or globs (or --files-from LIST)")
-    if output is None:
-        raise usage_error("give the output folder with -o/--output")
     files = collect_inputs(inputs or [], recursive=recursive, files_from=files_from, suffixes=LATENT_SUFFIXES)
     if not files:
         raise InputError(f"no latent files ({', '.join(LATENT_SUFFIXES)}) found", " ".join(inputs or [files_from or ""]))

@@ -298,8 +298,8 @@ def results_table(results: Sequence[ImageResult], report: dict[str, Any], golden
 
 
 def command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the decoded PNGs (input tree mirrored, always replaced) and heatmaps/.", show_default=False)],
     inputs: Annotated[list[str] | None, typer.Argument(help="Image files, folders or quoted globs.", show_default=False)] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder for the decoded PNGs (input tree mirrored, always replaced) and heatmaps/.", show_default=False)] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Also take the images in subfolders.")] = False,
     files_from: Annotated[str | None, typer.Option("--files-from", help="Also take the images listed in this file (one per line; - for stdin).")] = None,
     golden: Annotated[Path | None, typer.Option("--golden", help="Folder of golden PNGs to compare the outputs with (same relative paths).")] = None,
@@ -334,8 +334,6 @@ def command(
 
     if not inputs and files_from is None:
         raise usage_error("give image files, folders or globs (or --files-from LIST)")
-    if output is None:
-        raise usage_error("give the output folder with -o/--output")
     if update_golden and golden is None:
         raise usage_error("--update-golden needs --golden DIR")
     limits = Thresholds() if golden is not None else NO_THRESHOLDS
