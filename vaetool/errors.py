@@ -32,3 +32,7 @@ class OutputError(VaeToolError):
 
 class OutputExistsError(OutputError, FileExistsError):
     """An output that already exists and may not be overwritten."""
+
+
+class MemoryBudgetError(VaeToolError):
+    """A memory budget too small for even the smallest tile of the operation."""

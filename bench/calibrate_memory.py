@@ -1,0 +1,87 @@
+"""Measure the peak memory of encode and decode on CPU and compare it with vaetool.memory's estimate.
+
+Each point runs in a fresh subprocess (`--point CONFIG OP SIZE`): it loads the config with its
+seeded random weights, warms the op up at 64 px, then measures the peak RSS of one call with
+`vaetool.memory.measure_peak` (kernel high-water mark reset through /proc/self/clear_refs, glibc
+mmap threshold fixed at 128 KiB so freed tensors leave the RSS at once). The measured peak is the
+RSS growth during the call plus the weights and the input, which were resident before it.
+
+    python bench/calibrate_memory.py                       # tiny-f8 and sd1, 128..768 px
+    python bench/calibrate_memory.py --configs sd1 --sizes 256 512 --attention basic
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from typing import Any
+
+import torch
+
+from vaetool import memory
+from vaetool.memory_estimate import SAFETY
+from vaetool.nn.attention import use_attention
+
+
+def measure_point(config: str, op: str, size: int, attention: str, batch: int = 1) -> dict[str, Any]:
+    """Measure one (config, op, size) in this process; returns bytes measured and resident before."""
+    from vaetool.api import load_vae
+
+    torch.set_num_threads(2)
+    vae = load_vae(config)
+    f = vae.downscale
+
+    def data(px: int) -> torch.Tensor:
+        shape = (batch, 3, px, px) if op == "encode" else (batch, vae.model.embed_dim, px // f, px // f)
+        return torch.randn(shape)
+
+    run = {"encode": vae.moments, "decode": vae.decode}[op]
+    with use_attention(attention):
+        run(data(64))  # warm-up: oneDNN kernels, thread pools
+        x = data(size)
+        grown = memory.measure_peak(lambda: run(x))
+    weights = memory.architecture(vae).weights[op] * 4
+    return {"config": config, "op": op, "size": size, "batch": batch, "attention": attention,
+            "grown": grown, "resident": weights + x.numel() * x.element_size()}  # fmt: skip
+
+
+def run_point(config: str, op: str, size: int, attention: str, batch: int = 1, timeout: float = 600) -> dict[str, Any]:
+    """Measure one point in a fresh subprocess (the RSS high-water mark is per process)."""
+    cmd = [sys.executable, __file__, "--point", config, op, str(size), "--attention", attention, "--batch", str(batch)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    """Print measured peaks, the estimate and their ratio for each config, op and size."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=["tiny-f8", "sd1"])
+    parser.add_argument("--ops", nargs="+", default=["encode", "decode"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[128, 256, 512, 768])
+    parser.add_argument("--attention", default="sdpa")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--point", nargs=3, metavar=("CONFIG", "OP", "SIZE"))
+    args = parser.parse_args()
+    if args.point:
+        config, op, size = args.point
+        print(json.dumps(measure_point(config, op, int(size), args.attention, args.batch)))
+        return
+    print(f"| config | op | px | batch | measured MiB | estimate MiB | estimate / measured | without SAFETY |")
+    print("|---|---|---|---|---|---|---|---|")
+    for config in args.configs:
+        for op in args.ops:
+            for size in args.sizes:
+                point = run_point(config, op, size, args.attention, args.batch)
+                measured = point["grown"] + point["resident"]
+                est = memory.estimate_peak(config, op, size, size, args.batch, attention=args.attention)
+                print(
+                    f"| {config} | {op} | {size} | {args.batch} | {measured / 2**20:.1f} | {est / 2**20:.1f} "
+                    f"| {est / measured:.3f} | {est / SAFETY / measured:.3f} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
