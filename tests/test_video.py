@@ -145,6 +145,66 @@ def test_tiled_chunks_match_untiled(svd_pair) -> None:
     assert (tiled - untiled).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("merge", ["fixed", "learned"])
+@pytest.mark.parametrize("mode", ["all", "conv-only", "attn-only", "only-last-conv"])
+def test_every_time_mode_and_merge_strategy_from_a_config(mode: str, merge: str) -> None:
+    from vaetool.api import load_vae
+    from vaetool.video.coding import is_temporal, plan_decode
+
+    params = "model.params.decoder_config.params"
+    vae = load_vae("tiny-svd", overrides=[f"{params}.time_mode={mode}", f"{params}.merge_strategy={merge}",
+                                          f"{params}.alpha=0.3"])
+    assert vae.model.decoder.time_mode == mode and vae.model.decoder.merge_strategy == merge and is_temporal(vae)
+    plan = plan_decode(vae, 5, 16, 16, chunk_frames=3, overlap=1, tile="off")
+    out = decode_chunks(frame_decoder(vae, plan), torch.randn(5, 4, 2, 2), plan.chunk_frames, plan.overlap)
+    assert out.shape == (5, 3, 16, 16) and torch.isfinite(out).all()
+
+
+def test_plan_defaults() -> None:
+    from vaetool.api import load_vae
+    from vaetool.errors import ConfigError
+    from vaetool.video.coding import plan_decode
+
+    svd, image_only = load_vae("tiny-svd"), load_vae("tiny-f8")
+    assert plan_decode(svd, 20, 64, 64, tile="off") == DecodePlan(True, 14, 3, None)
+    assert plan_decode(svd, 5, 64, 64, tile="off") == DecodePlan(True, 5, 2, None)  # never more than the video
+    assert plan_decode(svd, 20, 64, 64, chunk_frames=4, tile="off") == DecodePlan(True, 4, 2, None)
+    assert plan_decode(svd, 20, 64, 64, chunk_frames=4, overlap=0, tile="exact", tile_size=32) == DecodePlan(True, 4, 0, 32)
+    assert plan_decode(image_only, 20, 64, 64, overlap=2, batch_size=3, tile="off") == DecodePlan(False, 3, 0, None)
+    with pytest.raises(ConfigError, match="--overlap 3"):
+        plan_decode(svd, 20, 64, 64, chunk_frames=4, overlap=3, tile="off")
+
+
+def test_low_memory_tiles_chunks_rather_than_cutting_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    import vaetool.pipeline
+    from vaetool.api import load_vae
+    from vaetool.errors import MemoryBudgetError
+    from vaetool.video.coding import plan_decode
+
+    vae = load_vae("tiny-svd")
+    weights = sum(t.numel() * t.element_size() for t in vae.model.parameters())
+    mb = 1 << 20
+
+    def fake_plan(vae, op, height, width, batch, max_memory):  # 1 MiB per frame untiled, 10 kB per tile pixel tiled
+        budget = int(max_memory)
+        fit = min(batch, (budget - weights) // mb)
+        if fit >= 1:
+            return SimpleNamespace(fits_untiled=True, tile=None, batch_size=fit, budget=budget)
+        tile = (budget - weights) // 10_000 // 16 * 16
+        if tile < 16:
+            raise MemoryBudgetError("too small")
+        return SimpleNamespace(fits_untiled=False, tile=tile, batch_size=1, budget=budget)
+
+    monkeypatch.setattr(vaetool.pipeline, "memory_plan", fake_plan)
+    assert plan_decode(vae, 20, 64, 64, max_memory=weights + 20 * mb) == DecodePlan(True, 14, 3, None)
+    # 3 frames would fit untiled; 8 frames get tiles sized for an eighth of the activation budget each
+    assert plan_decode(vae, 20, 64, 64, max_memory=weights + 7 * mb // 2) == DecodePlan(True, 8, 3, 32)
+    assert plan_decode(vae, 20, 64, 64, max_memory=weights + mb) == DecodePlan(True, 1, 0, None)  # no tile fits
+    assert plan_decode(vae, 20, 64, 64, chunk_frames=6, max_memory=weights + 3 * mb).chunk_frames == 6  # as asked
+
+
 # ---- reading frames ----------------------------------------------------------------------------
 
 

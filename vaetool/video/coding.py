@@ -31,6 +31,7 @@ DEFAULT_CHUNK_FRAMES = 14  # SVD's decode_chunk_size: the clip length it was tra
 DEFAULT_OVERLAP = 3  # frames shared by consecutive chunks (capped at half a chunk); see bench/bench_video.py
 DEFAULT_BATCH = 4  # frames per encoder / image-decoder call without a memory planner
 MAX_AUTO_BATCH = 16  # the most frames per call the planner is asked for
+MIN_CHUNK_FRAMES = 8  # with too little memory, chunks are tiled rather than cut below this many frames
 DEFAULT_TILE = 512  # image pixels, --tile exact/fast without --tile-size or a planner
 # --tile mode -> (module, function) of the tiled decoder; both take timesteps for a temporal decoder
 TILED_DECODERS: dict[str, tuple[str, str]] = {
@@ -58,12 +59,36 @@ class DecodePlan:
     tile_mode: str = "exact"
 
 
-def _planned(vae: Vae, op: str, height: int, width: int, batch: int, max_memory: str | None) -> tuple[int, int | None] | None:
+def _planned(vae: Vae, op: str, height: int, width: int, batch: int, max_memory: str | int | None) -> tuple[int, int | None] | None:
     """(batch that fits, tile or None) from the memory planner, or None without one."""
     from vaetool.pipeline import memory_plan
 
     p = memory_plan(vae, op, height, width, batch, max_memory)
     return None if p is None else (int(p.batch_size), None if p.fits_untiled else int(p.tile))
+
+
+def _planned_chunk(vae: Vae, height: int, width: int, want: int, max_memory: str | None) -> tuple[int, int | None] | None:
+    """(chunk frames, tile or None) for a temporal decoder: tile rather than cut chunks below MIN_CHUNK_FRAMES.
+
+    The planner prefers fewer frames untiled to more frames tiled; for a temporal decoder fewer
+    frames means less temporal context, so when it offers fewer than the floor, the floor's frames
+    are tiled with each frame's share of the budget beyond the weights (or, if that is too small, the planner's plan stands).
+    """
+    from vaetool.errors import MemoryBudgetError
+    from vaetool.pipeline import memory_plan
+
+    p = memory_plan(vae, "decode", height, width, want, max_memory)
+    if p is None:
+        return None
+    floor = min(MIN_CHUNK_FRAMES, want)
+    if p.batch_size >= floor:
+        return int(p.batch_size), None if p.fits_untiled else int(p.tile)
+    weights = sum(t.numel() * t.element_size() for t in vae.model.parameters())  # resident whatever the frames
+    try:
+        share = memory_plan(vae, "decode", height, width, 1, weights + max(0, p.budget - weights) // floor)
+    except MemoryBudgetError:
+        return int(p.batch_size), None if p.fits_untiled else int(p.tile)
+    return floor, None if share.fits_untiled else int(share.tile)
 
 
 def _tile(mode: str, tile_size: int | None, planned: int | None) -> tuple[int | None, str]:
@@ -99,7 +124,12 @@ def plan_decode(
     temporal = is_temporal(vae)
     fixed = chunk_frames if temporal else batch_size
     want = fixed or max(1, min(DEFAULT_CHUNK_FRAMES if temporal else MAX_AUTO_BATCH, frames))
-    planned = _planned(vae, "decode", height, width, want, max_memory) if tile != "off" else None
+    if tile == "off":
+        planned = None
+    elif temporal and not fixed:
+        planned = _planned_chunk(vae, height, width, want, max_memory)
+    else:
+        planned = _planned(vae, "decode", height, width, want, max_memory)
     chunk = fixed or (planned[0] if planned else want if temporal else min(DEFAULT_BATCH, want))
     tile_px, tile_mode = _tile(tile, tile_size, planned[1] if planned else None)
     if not temporal:
