@@ -89,11 +89,16 @@ def test_gif_in_gif_and_pngs_out(runner, tmp_path: Path) -> None:
     assert "6 frames 32x24" in result.stderr
 
 
-def test_odd_size_is_padded_and_cropped_back(runner, tmp_path: Path) -> None:
+def test_odd_size_is_padded_and_cropped_back_tiled_or_not(runner, tmp_path: Path) -> None:
     frames = _folder(tmp_path / "in", [0, 1, 2], {i: (21, 30) for i in range(3)})
     result = _invoke(runner, "roundtrip", frames, "-o", tmp_path / "out", *MODEL)
     assert result.exit_code == 0, result.stderr
     assert [Image.open(p).size for p in sorted((tmp_path / "out").iterdir())] == [(30, 21)] * 3
+    result = _invoke(runner, "roundtrip", frames, "-o", tmp_path / "tiled", *MODEL, "--tile", "exact", "--tile-size", 16)
+    assert result.exit_code == 0, result.stderr
+    for a, b in zip(sorted((tmp_path / "out").iterdir()), sorted((tmp_path / "tiled").iterdir())):
+        diff = np.abs(np.asarray(Image.open(a), np.int16) - np.asarray(Image.open(b), np.int16))
+        assert diff.max() <= 1  # exact tiling: equal up to float rounding
 
 
 def test_mp4_in_mp4_out(runner, tmp_path: Path) -> None:
