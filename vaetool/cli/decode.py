@@ -48,7 +48,7 @@ from vaetool.cli.options import (
     attention_scope,
     load_model,
 )
-from vaetool.errors import ConfigError, InputError, OutputError, VaeToolError
+from vaetool.errors import InputError, OutputError, VaeToolError
 from vaetool.families import LatentFormat, get_family
 from vaetool.io.latents import LatentItem
 from vaetool.pipeline import (
@@ -58,6 +58,7 @@ from vaetool.pipeline import (
 
 if TYPE_CHECKING:
     from vaetool.api import Vae
+    from vaetool.io.inputs import InputFile
 
 NAME = "decode"
 HELP = "Decode latent files (vaetool, ComfyUI .latent, sd-scripts .npz, .npy, .pt) to PNG images."
@@ -215,7 +216,7 @@ def item_output(out_dir: Path, rel: PurePath, item: LatentItem) -> Path:
     return out_dir / rel.parent / f"{item.name}{SUFFIX}"
 
 
-def jobs_from_files(files: Sequence[Any], out_dir: Path) -> Iterator[DecodeJob]:
+def jobs_from_files(files: Sequence[InputFile], out_dir: Path) -> Iterator[DecodeJob]:
     """Read each latent file (lazily, in order) into one job per latent; unreadable files become failed jobs."""
     from vaetool.io.latents import load_latents
 
@@ -300,7 +301,7 @@ def decode_stages(vae: Vae, settings: DecodeSettings, compute: ComputeOptions, n
 
 
 def decode_files(
-    vae: Vae, files: Sequence[Any], settings: DecodeSettings, compute: ComputeOptions, engine: EngineOptions
+    vae: Vae, files: Sequence[InputFile], settings: DecodeSettings, compute: ComputeOptions, engine: EngineOptions
 ) -> Summary:
     """Decode every latent of `files` (InputFiles) to PNGs under settings.out_dir; bad ones fail alone."""
     from vaetool.io.atomic import remove_stale_temps
