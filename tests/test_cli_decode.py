@@ -211,3 +211,14 @@ def test_tiled_decode_matches_untiled(runner, tmp_path: Path) -> None:
 def test_usage_errors_exit_2(runner, tmp_path: Path) -> None:
     assert _decode(runner, "-o", str(tmp_path), *MODEL).exit_code == 2
     assert _decode(runner, str(tmp_path), *MODEL).exit_code == 2
+
+
+def test_decoding_what_encode_wrote_gives_the_round_trip(runner, tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    (tmp_path / "img").mkdir()
+    Image.fromarray(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)).save(tmp_path / "img" / "a.png")
+    assert runner.invoke(app, ["encode", str(tmp_path / "img"), "-o", str(tmp_path / "lat"), "--scaled", *MODEL]).exit_code == 0
+    assert _decode(runner, str(tmp_path / "lat"), "-o", str(tmp_path / "dec"), *MODEL).exit_code == 0
+    assert runner.invoke(app, ["roundtrip", str(tmp_path / "img"), "-o", str(tmp_path / "rt"), *MODEL]).exit_code == 0
+    assert read_png_text(tmp_path / "dec" / "a.png")["vaetool.latent_form"] == "scaled"
+    assert _close(_pixels(tmp_path / "dec" / "a.png"), _pixels(tmp_path / "rt" / "a.png"))  # cropped back to 20x12
