@@ -267,9 +267,9 @@ def estimate_tile_peak(
     fast: one tile plus `halo` context on each side (default FAST_HALO * tile) through the whole
     network, plus the caller's input and the full output buffer. exact: the tiles advance together
     block by block; at each block the device holds one tile's working set (EXACT_HALO pixels of
-    context) and, on CPU, the full-size stored activations that block reads and writes (input,
-    output, and a res block's middle activation); on an accelerator those live in host memory and
-    are not counted. The mid-block attention always runs on the whole latent.
+    context) and, on CPU, the full-size stored activations that block reads and writes (its input
+    and output); on an accelerator those live in host memory and are not counted. The mid-block
+    attention always runs on the whole latent.
     """
     height, width = height or tile, width or tile
     _check(op, height, width, min(batch, tile))
@@ -300,7 +300,7 @@ def estimate_tile_peak(
             if on_host:
                 inp = batch * st.cin * full_hw[0] * full_hw[1] * elem
                 out = _step_cost(st, full_hw, batch, elem, ctx)[1]
-                stored = inp + out * (2 if st.kind in ("res", "vres") else 1)
+                stored = inp + out  # vaetool.tiling.exact keeps about two full-size activations
             peak = max(peak, stored + extra)
         peak += full_out
     return int(SAFETY * (peak + fixed))
