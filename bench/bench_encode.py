@@ -4,8 +4,8 @@ Generates a folder of 64 PNGs of mixed sizes around 256 px, then measures
   command: `vaetool encode` run in-process through the CLI (file decoding, padding, batching,
            compute, atomic writes, manifest); its own timer starts after the model is loaded, so
            interpreter and model start-up are left out,
-  model:   Vae.moments on the same batches (equal sizes, same batch size) with the images already
-           decoded into tensors: pure compute,
+  model:   Vae.moments on the same batches (the engine's own batching of these sizes, replayed)
+           with the images already decoded into tensors: pure compute,
 and prints images/s of each and command/model (target: >= 0.85, the I/O hidden behind compute).
 
     python bench/bench_encode.py [--model tiny-f8] [--device cpu] [--dtype fp32] [--batch-size 8] [--repeats 3]
@@ -17,6 +17,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from typer.testing import CliRunner
 from vaetool.cli import app
 from vaetool.cli.options import Device, Dtype, ModelOptions, load_model
 from vaetool.io.images import load_image, pad_to_multiple
+from vaetool.pipeline import EngineOptions, Job, Loaded, Stages, run_pipeline
 
 SIZES = [(256, 256), (256, 320), (320, 256), (250, 250), (192, 288), (288, 192)]  # (w, h); 250 pads to 256
 
@@ -46,15 +48,26 @@ def make_images(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def model_seconds(model: str, device: str, dtype: str, paths: list[Path], batch_size: int) -> float:
-    """Wall time of Vae.moments over the images batched by size, tensors preloaded on the device."""
+def engine_batches(tensors: dict[str, torch.Tensor], batch_size: int, workers: int) -> list[list[str]]:
+    """The batches (keys) the engine forms from these items: same order, sizes and options as the command."""
+    batches: list[list[str]] = []
+
+    def record(images: torch.Tensor, jobs: Sequence[Job]) -> torch.Tensor:
+        batches.append([job.key for job in jobs])
+        return torch.zeros(len(jobs), 1)  # [B, 1]
+
+    jobs = [Job(key, Path(key)) for key in tensors]
+    stages = Stages(lambda job: Loaded(tensors[job.key]), record, lambda job, out, info: None)
+    run_pipeline(jobs, stages, EngineOptions(batch_size=batch_size, workers=workers))
+    return batches
+
+
+def model_seconds(model: str, device: str, dtype: str, paths: list[Path], batch_size: int, workers: int) -> float:
+    """Wall time of Vae.moments over the command's batches, image tensors preloaded on the device."""
     vae = load_model(ModelOptions(model=model, device=Device(device), dtype=Dtype(dtype)))
-    by_size: dict[tuple[int, ...], list[torch.Tensor]] = {}
-    for path in paths:
-        padded, _ = pad_to_multiple(load_image(path), vae.downscale)  # [3, H, W]
-        by_size.setdefault(tuple(padded.shape), []).append(padded)
-    batches = [torch.stack(group[i : i + batch_size]).to(vae.device, vae.dtype)  # [B, 3, H, W]
-               for group in by_size.values() for i in range(0, len(group), batch_size)]
+    tensors = {path.name: pad_to_multiple(load_image(path), vae.downscale)[0] for path in paths}  # [3, H, W] each
+    batches = [torch.stack([tensors[k] for k in keys]).to(vae.device, vae.dtype)  # [B, 3, H, W]
+               for keys in engine_batches(tensors, batch_size, workers)]
     vae.moments(batches[0])  # warm-up
     _sync(vae.device)
     start = time.perf_counter()
@@ -98,7 +111,7 @@ def main() -> None:
         paths = make_images(folder, args.images)
         model_runs, command_runs = [], []
         for _ in range(args.repeats):
-            model_runs.append(model_seconds(args.model, args.device, args.dtype, paths, args.batch_size))
+            model_runs.append(model_seconds(args.model, args.device, args.dtype, paths, args.batch_size, args.workers))
             command_runs.append(command_seconds(args.model, args.device, args.dtype, folder, Path(tmp) / "out",
                                                 args.batch_size, args.workers))
     model_ips, command_ips = args.images / min(model_runs), args.images / min(command_runs)

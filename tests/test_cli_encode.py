@@ -372,3 +372,19 @@ def test_torchrun_two_ranks_make_the_same_files(runner, tree: Path, tmp_path: Pa
     merged = read_manifest(ranks / "manifest.jsonl")
     assert sorted(r["key"] for r in merged) == ["a.png", "b.png", "sub/c.png", "sub/deep/d.jpg"]
     assert not list(ranks.glob("manifest.rank*.jsonl"))  # parts merged away
+
+
+def test_engine_runs_partial_batches_when_too_much_waits() -> None:
+    shapes = [(1, 4, 4), (1, 4, 8), (1, 4, 4), (1, 4, 8), (1, 4, 4)]
+    jobs = [Job(str(i), Path(f"{i}.png")) for i in range(len(shapes))]
+    batches: list[list[str]] = []
+
+    def compute(x: torch.Tensor, js: list[Job]) -> torch.Tensor:
+        batches.append([j.key for j in js])
+        return x.flatten(1)
+
+    stages = Stages(lambda j: Loaded(torch.zeros(shapes[int(j.key)])), compute, lambda j, t, i: None)
+    summary = run_pipeline(jobs, stages, EngineOptions(batch_size=8, max_pending_bytes=200))
+    assert summary.done == 5 and sorted(k for b in batches for k in b) == ["0", "1", "2", "3", "4"]
+    assert all(len({shapes[int(k)] for k in b}) == 1 for b in batches)  # never mixed sizes
+    assert len(batches) > 2  # the 200-byte cap ran partial batches before the end

@@ -118,6 +118,7 @@ class EngineOptions:
     batch_size: int | Callable[[tuple[int, ...]], int] = 1  # or per item shape [C, H, W]
     workers: int = 2
     prefetch: int | None = None  # jobs loaded ahead (default: enough for two batches)
+    max_pending_bytes: int = 1 << 30  # loaded items waiting for their size's batch to fill; then the fullest runs
     max_pending_writes: int = 64
     fail_fast: bool = False
     on_event: Callable[[Event], None] | None = None
@@ -175,8 +176,8 @@ class _Run(Generic[J]):
         shape = max(self.buckets, key=lambda s: len(self.buckets[s]))
         self.run_batch(self.buckets.pop(shape), writer)
 
-    def pending(self) -> int:
-        return sum(len(b) for b in self.buckets.values())
+    def pending_bytes(self) -> int:
+        return sum(loaded.tensor.nbytes for bucket in self.buckets.values() for _, loaded in bucket)
 
     def compute(self, batch: torch.Tensor, jobs: Sequence[J]) -> torch.Tensor:
         """The model call, redone with the fp32 fallback when the output is not finite."""
@@ -253,7 +254,7 @@ def run_pipeline(jobs: Iterable[J], stages: Stages[J], options: EngineOptions | 
                 run.fail(job, describe_error(err))
                 continue
             run.add(job, loaded, writer)
-            while run.pending() > prefetch:
+            while len(run.buckets) > 1 and run.pending_bytes() > options.max_pending_bytes:  # many sizes: partial batches
                 run.flush_largest(writer)
         while run.buckets and not summary.stopped:
             run.run_batch(run.buckets.pop(next(iter(run.buckets))), writer)
