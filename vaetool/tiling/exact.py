@@ -207,7 +207,7 @@ def run_program(
         for s in op.inputs():
             if last.get(s) == i:
                 del slots[s]
-        if record is not None and op.out in normalized and out.stats is not None:
+        if record is not None and out.stats is not None:
             record[op.out] = out.stats
     return slots[program.output].full(device)
 
@@ -250,7 +250,7 @@ def decode_exact(
     storage: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Latent [B*T, z, h, w] -> image [B*T, 3, h*f, w*f], tiles of `tile` image pixels, equal to untiled."""
-    frames = _frames(z.shape[0], timesteps, model)
+    frames = clip_frames(z.shape[0], timesteps, model)
     return run_program(decoder_program(model, frames), z, tile, storage=storage)
 
 
@@ -262,10 +262,10 @@ def encode_exact(
     return run_program(encoder_program(model), x, tile, storage=storage)
 
 
-def _frames(n: int, timesteps: int | None, model: torch.nn.Module) -> int:
+def clip_frames(n: int, timesteps: int | None, model: torch.nn.Module) -> int:
     """Frames per clip: `timesteps`, or the whole batch for a video decoder, or 1 for images."""
-    from vaetool.nn.temporal import VideoDecoder, _frames as clip_frames
+    from vaetool.nn.temporal import VideoDecoder, _frames
 
     if not isinstance(model.decoder, VideoDecoder):
         return 1
-    return clip_frames(n, timesteps)
+    return _frames(n, timesteps)

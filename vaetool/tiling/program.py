@@ -106,7 +106,6 @@ class Program:
     input: str = "in"
     output: str = "in"
     frames: int = 1
-    out_channels: int = 0
     factor: float = 1.0  # output size / input size (8 for an f8 decoder, 1/8 for its encoder)
     _count: int = 0
 
@@ -130,9 +129,29 @@ class Program:
         last.pop(self.output, None)
         return last
 
+    def split(self, at: int) -> tuple[Program, Program]:
+        """(ops[:at], ops[at:]) as two programs (either may be empty); only the head's output crosses the cut."""
+        head = Program(self.ops[:at], self.input, self.ops[at - 1].out if at > 0 else self.input, self.frames)
+        tail = Program(self.ops[at:], head.output, self.output, self.frames)
+        head_slots = {self.input} | {op.out for op in head.ops}
+        crossing = {s for op in tail.ops for s in op.inputs() if s in head_slots}
+        if crossing != {head.output}:
+            raise TilingUnsupported(f"cannot cut the program at op {at}: slots {sorted(crossing)} cross it")
+        head.factor, tail.factor = _factor(head.ops), _factor(tail.ops)
+        return head, tail
+
     def normalized(self) -> dict[str, Norm]:
         """Slots some op GroupNorms, with one of their norms (all norms of a slot share statistics)."""
         return {op.src: op.norm for op in self.ops if isinstance(op, WindowOp) and op.norm is not None}
+
+
+def _factor(ops: list[Op]) -> float:
+    """Output size / input size of a run of ops (from their upsamples and strides)."""
+    f = 1.0
+    for op in ops:
+        if isinstance(op, WindowOp):
+            f *= (2 if op.upsample else 1) / op.window.stride[0]
+    return f
 
 
 def conv_window(m: nn.Conv2d) -> Window:
@@ -223,7 +242,7 @@ def encoder_program(model: nn.Module) -> Program:
     enc = model.encoder
     if type(enc) is not Encoder:
         raise TilingUnsupported(f"encoder {type(enc).__name__} cannot be tiled")
-    p = Program(factor=1.0 / 2 ** (enc.num_resolutions - 1))
+    p = Program()
     x = p.add(WindowOp(p.input, p.slot(), conv_window(enc.conv_in)))
     for i_level, down in enumerate(enc.down):
         for i_block in range(enc.num_res_blocks):
@@ -235,10 +254,9 @@ def encoder_program(model: nn.Module) -> Program:
     for m in (enc.mid.block_1, enc.mid.attn_1, enc.mid.block_2):
         x = _block(p, m, x)
     x = p.add(WindowOp(x, p.slot(), conv_window(enc.conv_out), _norm(enc.norm_out)))
-    p.out_channels = enc.conv_out.out_channels
     if hasattr(model, "quant_conv"):
         x = p.add(WindowOp(x, p.slot(), conv_window(model.quant_conv)))
-        p.out_channels = model.quant_conv.out_channels
+    p.factor = _factor(p.ops)
     return p
 
 
@@ -247,7 +265,7 @@ def decoder_program(model: nn.Module, frames: int = 1) -> Program:
     dec = model.decoder
     if not isinstance(dec, Decoder):
         raise TilingUnsupported(f"decoder {type(dec).__name__} cannot be tiled")
-    p = Program(frames=frames, factor=float(2 ** (dec.num_resolutions - 1)))
+    p = Program(frames=frames)
     x = p.input
     if hasattr(model, "post_quant_conv"):
         x = p.add(WindowOp(x, p.slot(), conv_window(model.post_quant_conv)))
@@ -262,8 +280,8 @@ def decoder_program(model: nn.Module, frames: int = 1) -> Program:
                 x = _block(p, up.attn[i_block], x)
         if i_level != 0:
             x = _block(p, up.upsample, x)
+    p.factor = _factor(p.ops)
     if dec.give_pre_end:
-        p.out_channels = dec.conv_out.in_channels
         return p
     act = torch.tanh if dec.tanh_out else None
     conv_out = dec.conv_out
@@ -272,5 +290,4 @@ def decoder_program(model: nn.Module, frames: int = 1) -> Program:
         p.add(WindowOp(x, p.slot(), conv3d_window(conv_out.time_mix_conv, frames), act=act))
     else:
         p.add(WindowOp(x, p.slot(), conv_window(conv_out), _norm(dec.norm_out), act=act))
-    p.out_channels = conv_out.out_channels
     return p
