@@ -24,6 +24,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from vaetool.checkpoints import UNSAFE_GLOBAL
 from vaetool.errors import InputError
 from vaetool.io.atomic import atomic_write
 
@@ -41,7 +42,6 @@ JSON_KEYS = "vaetool.json_keys"  # metadata entry listing the keys whose values 
 COMFY_MARKER = "latent_format_version_0"
 COMFY_LEGACY_SCALE = 0.18215  # ComfyUI .latent files without the marker hold raw * 0.18215
 TENSOR_KEYS = ("latent", "latents", "samples", "latent_tensor")  # in .pt dicts, in this order
-UNSAFE_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL (\S+)", re.IGNORECASE)  # torch's wordings vary by version
 NPZ_LATENTS = re.compile(r"^latents(?:_(\d+)x(\d+))?$")  # sd-scripts: "latents" or "latents_{h}x{w}"
 
 
