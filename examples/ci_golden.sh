@@ -8,7 +8,7 @@
 # goldens under GOLDEN (PSNR >= 40 dB, SSIM >= 0.98, max diff <= 8 levels unless MIN_PSNR /
 # MIN_SSIM / MAX_DIFF say otherwise). OUT receives the decoded images, report.json, junit.xml
 # (for the CI's test view) and heatmaps/ with a diff heatmap of each failing image: keep OUT as
-# the job's artifacts. Environment: MODEL (shipped config; default tiny-f8, seeded random weights),
+# the job's artifacts. Environment: MODEL (shipped config; default: the shipped mini model),
 # CHECKPOINT, IMAGES (default examples/images), GOLDEN (default examples/golden), OUT (default ci-out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 images=${IMAGES:-examples/images}
 golden=${GOLDEN:-examples/golden}
 out=${OUT:-ci-out}
-args=(roundtrip "$images" --recursive --output "$out" --golden "$golden" --model "${MODEL:-tiny-f8}" --device cpu --dtype fp32)
+args=(roundtrip "$images" --recursive --output "$out" --golden "$golden" --model "${MODEL:-mini}" --device cpu --dtype fp32)
 [[ -n ${CHECKPOINT:-} ]] && args+=(--checkpoint "$CHECKPOINT")
 
 if [[ ${UPDATE:-0} == 1 ]]; then
