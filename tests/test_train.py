@@ -93,13 +93,13 @@ def test_resume_after_kill_continues_from_the_last_checkpoint(runner: CliRunner,
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # no half-written checkpoint
-    last = int(torch.load(out / "state.pt", weights_only=True)["step"])
+    last = int(torch.load(out / "state.pt", weights_only=True)["step"])  # never half-written (temp + rename)
     assert 0 < last < 400
     total = last + 3
     result = runner.invoke(app, ["train", str(cfg), "-o", str(out), "--steps", str(total), "--quiet", "--json"])
     assert result.exit_code == 0, result.output
     assert f'"resumed_from": {last}' in result.stdout and f'"step": {total}' in result.stdout
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # a save cut by the kill is cleaned up
     steps = [int(line.split(",")[0]) for line in (out / "log.csv").read_text().splitlines()[1:]]
     assert steps == list(range(1, total + 1))  # unsaved steps of the killed run were dropped, none repeated
     straight = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "straight"), "--steps", str(total), "--quiet"])

@@ -146,6 +146,8 @@ def train(
     """Train (or resume training) as `settings` says; EMA weights land in out_dir/model.safetensors."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # a save cut short by a kill (one trainer per run folder)
+        stale.unlink(missing_ok=True)
     train_images = load_folder_images(settings.data.train, settings.data.crop, warn)
     val_images = load_folder_images(settings.data.val, 32, warn) if settings.data.val else []
     model = build_model(settings, init, decoder_only).to(device).train()
