@@ -8,12 +8,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vaetool.errors import InputError
+from vaetool.io.images import IMAGE_SUFFIXES, load_image, to_uint8
 from vaetool.train.settings import DataSettings
 
-SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 Warn = Callable[[str], None]
 
 
@@ -24,34 +23,19 @@ def list_images(folders: Sequence[str]) -> list[Path]:
         root = Path(folder)
         if not root.is_dir():
             raise InputError("no such folder", root)
-        files += sorted(p for p in root.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+        files += sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     return files
-
-
-def read_rgb(path: Path) -> torch.Tensor:
-    """One image as uint8 [3, H, W] (EXIF orientation applied, alpha over white); InputError if unreadable."""
-    try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("RGBA", "LA", "P", "PA"):
-                rgba = img.convert("RGBA")
-                img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-            rgb = img.convert("RGB")
-            data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-            return data.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()  # [3, H, W]
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as err:
-        raise InputError(f"cannot read image ({err})", path) from None
 
 
 def load_folder_images(folders: Sequence[str], min_size: int, warn: Warn) -> list[torch.Tensor]:
     """Read every image; unreadable or too small ones are skipped and named through `warn`."""
     files = list_images(folders)
     if not files:
-        raise InputError(f"no images ({', '.join(SUFFIXES)}) found", ", ".join(folders))
+        raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found", ", ".join(folders))
     images = []
     for path in files:
         try:
-            img = read_rgb(path)
+            img = torch.from_numpy(to_uint8(load_image(path))).permute(2, 0, 1).contiguous()  # [3, H, W] uint8
         except InputError as err:
             warn(f"skipped {err}")
             continue

@@ -6,7 +6,6 @@ import copy
 import csv
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +20,9 @@ from vaetool import __version__
 from vaetool.checkpoints import load_checkpoint, load_into
 from vaetool.config import instantiate_from_config
 from vaetool.errors import CheckpointError
+from vaetool.io.atomic import atomic_write, remove_stale_temps
+from vaetool.io.images import to_uint8
+from vaetool.metrics import psnr
 from vaetool.nn.autoencoder import AutoencodingEngine
 from vaetool.train.data import center_crop, load_folder_images, random_batch, to_unit
 from vaetool.train.settings import TrainSettings
@@ -68,13 +70,6 @@ def learning_rate(settings: TrainSettings, step: int) -> float:
     return lr
 
 
-def psnr_uint8(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB between two images in [-1, 1] after quantising both to 8 bits."""
-    qa, qb = (((t.clamp(-1, 1) + 1) * 127.5).round() for t in (a, b))
-    mse = float(((qa - qb) ** 2).mean())
-    return 100.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
 @torch.no_grad()
 def validate(model: AutoencodingEngine, images: list[torch.Tensor], size: int) -> tuple[float, float]:
     """Mean PSNR over the validation images (posterior mode, EMA weights) and the latents' std."""
@@ -84,31 +79,22 @@ def validate(model: AutoencodingEngine, images: list[torch.Tensor], size: int) -
         for img in images:
             x = to_unit(center_crop(img, size))[None]  # [1, 3, H, W]
             mean, _ = model.encode_moments(x).chunk(2, dim=1)  # [1, z, H/8, W/8]
-            scores.append(psnr_uint8(model.decode(mean), x))
+            scores.append(psnr(to_uint8(model.decode(mean)[0]), to_uint8(x[0])))  # as the written PNGs would be
             latents.append(mean.flatten())
     model.train()
     return sum(scores) / len(scores), float(torch.cat(latents).std())
-
-
-def _atomic_save(write: Callable[[Path], None], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def export_weights(model: AutoencodingEngine, path: Path, metadata: dict[str, str]) -> None:
     """Save the EMA weights (the model's own keys, no EMA buffers) as .safetensors, atomically."""
     with model.ema_scope():
         sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if not k.startswith("model_ema.")}
-    _atomic_save(lambda p: safetensors.torch.save_file(sd, str(p), metadata=metadata), path)
+    atomic_write(path, lambda p: safetensors.torch.save_file(sd, str(p), metadata=metadata), overwrite=True)
 
 
 def _save_state(model: AutoencodingEngine, opt: torch.optim.Optimizer, step: int, path: Path) -> None:
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
-    _atomic_save(lambda p: torch.save(state, p), path)
+    atomic_write(path, lambda p: torch.save(state, p), overwrite=True)
 
 
 def _load_state(model: AutoencodingEngine, opt: torch.optim.Optimizer, path: Path) -> int:
@@ -146,8 +132,7 @@ def train(
     """Train (or resume training) as `settings` says; EMA weights land in out_dir/model.safetensors."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # a save cut short by a kill (one trainer per run folder)
-        stale.unlink(missing_ok=True)
+    remove_stale_temps(out, recursive=False)  # a save cut short by a kill
     train_images = load_folder_images(settings.data.train, settings.data.crop, warn)
     val_images = load_folder_images(settings.data.val, 32, warn) if settings.data.val else []
     model = build_model(settings, init, decoder_only).to(device).train()
@@ -200,7 +185,7 @@ def train(
     result = TrainResult(out, out / WEIGHTS_FILE, max(start, settings.steps), start, val_psnr, latent_std, time.time() - began)
     summary = {"step": result.step, "resumed_from": start, "val_psnr": val_psnr, "latent_std": latent_std,
                "seconds": round(result.seconds, 1), "weights": WEIGHTS_FILE, "decoder_only": decoder_only}
-    _atomic_save(lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"), out / SUMMARY_FILE)
+    atomic_write(out / SUMMARY_FILE, lambda p: p.write_text(json.dumps(summary, indent=2) + "\n"), overwrite=True)
     return result
 
 
