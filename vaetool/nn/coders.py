@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from vaetool.nn.blocks import Downsample, Normalize, ResnetBlock, Upsample, make_attn, nonlinearity
+from vaetool.nn.blocks import Downsample, Normalize, ResnetBlock, Upsample, make_attn, norm_silu
 
 
 class Encoder(nn.Module):
@@ -75,7 +75,7 @@ class Encoder(nn.Module):
             if i_level != self.num_resolutions - 1:
                 h = down.downsample(h)  # [B, C, ceil(H/2), ceil(W/2)]
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(nonlinearity(self.norm_out(h)))  # [B, 2z, H/f, W/f]
+        return self.conv_out(norm_silu(self.norm_out, h))  # [B, 2z, H/f, W/f]
 
 
 class Decoder(nn.Module):
@@ -162,6 +162,6 @@ class Decoder(nn.Module):
                 h = up.upsample(h)  # [B, C, 2h, 2w]
         if self.give_pre_end:
             return h
-        h = nonlinearity(self.norm_out(h))
+        h = norm_silu(self.norm_out, h)
         h = self.conv_out(h, **kwargs) if kwargs else self.conv_out(h)
         return torch.tanh(h) if self.tanh_out else h  # [B, out_ch, H, W]

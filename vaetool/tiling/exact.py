@@ -13,6 +13,7 @@ The result equals the untiled forward up to float rounding (max abs diff ~1e-6 i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -164,6 +165,8 @@ def _window_tile(
 def _band_rows(op: WindowOp, a: int, b: int) -> dict[str, int]:
     """First row (in each input's own coordinates) that output rows [a, b) read from each input slot."""
     need = {op.src: max(op.window.in_range(a, b, 0)[0], 0) // (2 if op.upsample else 1)}
+    if op.side is not None:
+        need[op.src] = min(need[op.src], max(op.side.in_range(a, b, 0)[0], 0))
     if op.residual is not None:
         lo = a if op.shortcut is None else max(op.shortcut.in_range(a, b, 0)[0], 0)
         need[op.residual] = min(need.get(op.residual, lo), lo)
@@ -196,31 +199,31 @@ def run_program(
     last = program.last_use()
     slots = {program.input: Banded.whole(x, band(h_in), store, stats is None and program.input in normalized)}
     for i, op in enumerate(program.ops):
-        want_stats = stats is None and op.out in normalized
+        want = {s for s in op.outputs() if stats is None and s in normalized}
         if isinstance(op, GlobalOp):
             y = op.fn(slots[op.src].full(device))
-            out = Banded.whole(y, band(y.shape[2]), store, want_stats)
+            outs = {op.out: Banded.whole(y, band(y.shape[2]), store, op.out in want)}
         else:
-            out = _run_window(op, slots, stats, band, device, store, want_stats, program.frames,
-                              {s for s in op.inputs() if last.get(s) == i})
-        slots[op.out] = out
+            outs = _run_window(op, slots, stats, band, device, store, want, program.frames,
+                               {s for s in op.inputs() if last.get(s) == i})
         for s in op.inputs():
             if last.get(s) == i:
                 del slots[s]
-        if record is not None and out.stats is not None:
-            record[op.out] = out.stats
+        slots.update(outs)
+        if record is not None:
+            record.update({name: b.stats for name, b in outs.items() if b.stats is not None})
     return slots[program.output].full(device)
 
 
 def _run_window(
     op: WindowOp, slots: dict[str, Banded], stats: dict[str, Stats] | None, band: object,
-    device: torch.device, store: torch.device, want_stats: bool, frames: int, dying: set[str],
-) -> Banded:
-    """All tiles of one WindowOp, band by band; frees the bands of dying inputs as it goes."""
+    device: torch.device, store: torch.device, want: set[str], frames: int, dying: set[str],
+) -> dict[str, Banded]:
+    """All tiles of one WindowOp (and its side output), band by band; frees the bands of dying inputs as it goes."""
     src = slots[op.src]
     h_out, w_out = op.out_size(src.height, 0), op.out_size(src.width, 1)
     step = band(h_out)  # type: ignore[operator]
-    out = Banded(h_out, w_out, _edges(h_out, step))
+    outs = {name: Banded(h_out, w_out, _edges(h_out, step)) for name in op.outputs()}
     affine = None
     if op.norm is not None:
         st = src.stats if stats is None else stats[op.src]
@@ -228,20 +231,30 @@ def _run_window(
             raise RuntimeError(f"tiling bug: no statistics for slot {op.src}")
         affine = st.scale_shift(op.norm, frames)
     col_edges = _edges(w_out, step)
-    for a, b in zip(out.edges[:-1], out.edges[1:]):
-        row_tiles = []
-        for c, d in zip(col_edges[:-1], col_edges[1:]):
-            y = _window_tile(op, slots, affine, (a, b), (c, d), device)
-            if want_stats:
-                out.stats = accumulate(out.stats, y)
-            row_tiles.append(y.to(store))
-        out.bands.append(row_tiles[0] if len(row_tiles) == 1 else torch.cat(row_tiles, dim=3))
-        del row_tiles
+    tile_fns: dict[str, Callable[[tuple[int, int], tuple[int, int]], torch.Tensor]] = {
+        op.out: lambda rows, cols: _window_tile(op, slots, affine, rows, cols, device)
+    }
+    if op.side is not None and op.side_out is not None:  # the side window on the raw source, same tiles
+        side = op.side
+        tile_fns[op.side_out] = lambda rows, cols: side.fn(
+            _window_input(slots, op.src, side.in_range(*rows, 0), side.in_range(*cols, 1), False, None, device)
+        )
+    row_edges = _edges(h_out, step)
+    for a, b in zip(row_edges[:-1], row_edges[1:]):
+        for name, fn in tile_fns.items():
+            out, row_tiles = outs[name], []
+            for c, d in zip(col_edges[:-1], col_edges[1:]):
+                y = fn((a, b), (c, d))
+                if name in want:
+                    out.stats = accumulate(out.stats, y)
+                row_tiles.append(y.to(store))
+            out.bands.append(row_tiles[0] if len(row_tiles) == 1 else torch.cat(row_tiles, dim=3))
+            del row_tiles
         if dying and b < h_out:
             for name, row in _band_rows(op, b, min(b + step, h_out)).items():
                 if name in dying:
                     slots[name].free_before(row)
-    return out
+    return outs
 
 
 @torch.inference_mode()

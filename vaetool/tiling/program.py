@@ -72,10 +72,16 @@ class WindowOp:
     shortcut: Window | None = None  # applied to the residual slot; None is the identity
     alpha: torch.Tensor | None = None  # out = alpha * (res + y) + (1 - alpha) * res (video res blocks)
     act: TensorFn | None = None
+    side: Window | None = None  # also side_out = side(src), the raw source, in the same pass over the tiles
+    side_out: str | None = None
 
     def inputs(self) -> tuple[str, ...]:
         """Slots this op reads."""
         return (self.src,) if self.residual is None else (self.src, self.residual)
+
+    def outputs(self) -> tuple[str, ...]:
+        """Slots this op writes."""
+        return (self.out,) if self.side_out is None else (self.out, self.side_out)
 
     def out_size(self, n: int, dim: int) -> int:
         """Output length along `dim` for a source of length `n`."""
@@ -93,6 +99,10 @@ class GlobalOp:
     def inputs(self) -> tuple[str, ...]:
         """Slots this op reads."""
         return (self.src,)
+
+    def outputs(self) -> tuple[str, ...]:
+        """Slots this op writes."""
+        return (self.out,)
 
 
 Op = WindowOp | GlobalOp
@@ -133,7 +143,7 @@ class Program:
         """(ops[:at], ops[at:]) as two programs (either may be empty); only the head's output crosses the cut."""
         head = Program(self.ops[:at], self.input, self.ops[at - 1].out if at > 0 else self.input, self.frames)
         tail = Program(self.ops[at:], head.output, self.output, self.frames)
-        head_slots = {self.input} | {op.out for op in head.ops}
+        head_slots = {self.input} | {s for op in head.ops for s in op.outputs()}
         crossing = {s for op in tail.ops for s in op.inputs() if s in head_slots}
         if crossing != {head.output}:
             raise TilingUnsupported(f"cannot cut the program at op {at}: slots {sorted(crossing)} cross it")
@@ -190,12 +200,18 @@ def _norm(m: nn.GroupNorm, per_clip: bool = False) -> Norm:
 
 
 def _resnet(p: Program, m: ResnetBlock, x: str) -> str:
-    """norm1-silu-conv1, then norm2-silu-conv2 + shortcut(x); a VideoResBlock adds its time stack."""
-    h = p.add(WindowOp(x, p.slot(), conv_window(m.conv1), _norm(m.norm1)))
-    shortcut = None
+    """norm1-silu-conv1, then norm2-silu-conv2 + shortcut(x); a VideoResBlock adds its time stack.
+
+    A shortcut conv runs in conv1's pass (a side output), so x is freed there, not kept for conv2.
+    """
     if m.in_channels != m.out_channels:
-        shortcut = conv_window(m.conv_shortcut if m.use_conv_shortcut else m.nin_shortcut)
-    out = p.add(WindowOp(h, p.slot(), conv_window(m.conv2), _norm(m.norm2), residual=x, shortcut=shortcut))
+        sc = p.slot()
+        h = p.add(WindowOp(x, p.slot(), conv_window(m.conv1), _norm(m.norm1), side_out=sc,
+                           side=conv_window(m.conv_shortcut if m.use_conv_shortcut else m.nin_shortcut)))
+        out = p.add(WindowOp(h, p.slot(), conv_window(m.conv2), _norm(m.norm2), residual=sc))
+    else:
+        h = p.add(WindowOp(x, p.slot(), conv_window(m.conv1), _norm(m.norm1)))
+        out = p.add(WindowOp(h, p.slot(), conv_window(m.conv2), _norm(m.norm2), residual=x))
     if not isinstance(m, VideoResBlock):
         return out
     stack = m.time_stack

@@ -156,8 +156,8 @@ def train(
             torch.manual_seed(settings.seed * 1_000_003 + step)  # the posterior sample: a resumed run repeats it
             _, dec, reg_log = model(x)
             l1, mse = (dec - x).abs().mean(), ((dec - x) ** 2).mean()
-            kl = reg_log.get("kl_loss", torch.zeros((), device=device))
-            loss = settings.loss.l1 * l1 + settings.loss.mse * mse + settings.loss.kl * kl
+            kl = reg_log.get("kl_loss", torch.zeros((), device=device))  # summed over a sample's latent
+            loss = settings.loss.l1 * l1 + settings.loss.mse * mse + settings.loss.kl * kl / x[0].numel()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {float(loss)} at step {step + 1}; lower lr or check the data")
             opt.zero_grad(set_to_none=True)

@@ -29,7 +29,12 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class LossSettings:
-    """Weights of the reconstruction terms and of the regularizer's KL."""
+    """Weights of the reconstruction terms and of the regularizer's KL.
+
+    l1 and mse are means over pixel values. kl weighs the KL summed over a sample's latent elements
+    against the reconstruction summed over its pixel values, as `kl_weight` does in the original
+    LPIPSWithDiscriminator (1e-6 there); the trainer divides the KL by C*H*W to match the means.
+    """
 
     l1: float = 1.0
     mse: float = 0.0
