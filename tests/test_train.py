@@ -152,3 +152,22 @@ def test_typo_in_a_key_is_named(runner: CliRunner, tmp_path: Path, key: dict, wh
     result = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "run")])
     assert result.exit_code == 1
     assert where in result.stderr and str(cfg) in result.stderr and "did you mean" in result.stderr
+
+
+def test_channel_shuffle_permutes_a_crop_colours(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from vaetool.train.data import load_folder_images
+
+    settings = load_train_settings(_config(tmp_path))
+    data = replace(settings.data, batch_size=1, color_jitter=0.0)
+    images = load_folder_images(settings.data.train, 32, print)
+    changed = 0
+    for step in range(8):
+        plain = random_batch(images, data, step, 0)[0]  # [3, 32, 32]
+        shuffled = random_batch(images, replace(data, channel_shuffle=1.0), step, 0)[0]
+        # the same crop with its channels in some order (a permutation may be the identity)
+        assert sorted(c.sum().item() for c in plain) == pytest.approx(sorted(c.sum().item() for c in shuffled))
+        assert any(torch.equal(shuffled[0], c) for c in plain)
+        changed += not torch.equal(plain, shuffled)
+    assert changed > 0

@@ -83,6 +83,8 @@ def random_batch(images: list[torch.Tensor], data: DataSettings, step: int, seed
             patch = torch.rot90(patch, int(torch.randint(4, (1,), generator=gen)), dims=(1, 2))
         if data.color_jitter > 0:
             patch = _jitter(patch, data.color_jitter, gen)
+        if data.channel_shuffle > 0 and float(torch.rand(1, generator=gen)) < data.channel_shuffle:
+            patch = patch[torch.randperm(3, generator=gen)]
         crops.append(patch)
     return torch.stack(crops)  # [B, 3, crop, crop]
 

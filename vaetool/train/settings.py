@@ -24,6 +24,7 @@ class DataSettings:
     flip: bool = True
     rot90: bool = True
     color_jitter: float = 0.0  # max relative change of brightness / saturation
+    channel_shuffle: float = 0.0  # probability of permuting a crop's RGB channels (colour variety)
     val_size: int = 512  # validation images are centre-cropped to at most this (multiple of 8)
 
 
