@@ -49,13 +49,14 @@ class Upsample(nn.Module):
             self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.with_conv and not torch.is_grad_enabled() and _is_plain_3x3(self.conv):
+        if self.with_conv and not torch.is_grad_enabled() and is_plain_3x3(self.conv):
             return upsample_conv_phases(x, self.conv)
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # [B, C, 2H, 2W]
         return self.conv(x) if self.with_conv else x
 
 
-def _is_plain_3x3(conv: nn.Conv2d) -> bool:
+def is_plain_3x3(conv: nn.Conv2d) -> bool:
+    """A 3x3 conv with stride 1, zero padding 1, no dilation or groups (what the phase upsample handles)."""
     return (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode) == (
         (3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros")
 

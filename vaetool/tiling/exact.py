@@ -147,8 +147,11 @@ def _window_tile(
 ) -> torch.Tensor:
     """Output rows x cols of a WindowOp, [N, Cout, b-a, d-c]."""
     w = op.window
-    x = _window_input(slots, op.src, w.in_range(*rows, 0), w.in_range(*cols, 1), op.upsample, affine, device)
-    y = w.fn(x)  # [N, Cout, b-a, d-c]
+    if op.upsample and w.phases is not None:
+        y = _phase_tile(w.phases, slots[op.src], slots, op.src, affine, rows, cols, device)
+    else:
+        x = _window_input(slots, op.src, w.in_range(*rows, 0), w.in_range(*cols, 1), op.upsample, affine, device)
+        y = w.fn(x)  # [N, Cout, b-a, d-c]
     if op.residual is not None:
         sc = op.shortcut
         if sc is None:
@@ -160,6 +163,22 @@ def _window_tile(
             alpha = op.alpha.to(y.device, y.dtype)
             y = alpha * y + (1.0 - alpha) * res
     return op.act(y) if op.act is not None else y
+
+
+def _phase_tile(
+    phases: Callable[[torch.Tensor], torch.Tensor], src: Banded, slots: dict[str, Banded], name: str,
+    affine: tuple[torch.Tensor, torch.Tensor] | None, rows: tuple[int, int], cols: tuple[int, int], device: torch.device,
+) -> torch.Tensor:
+    """Upsample + 3x3 conv output rows x cols, from the source region one source pixel wider (no 4x buffer).
+
+    The phase conv zero-pads its region, so only outputs 1 px inside the region's upsampled extent are
+    right, except at the tensor's own border, where the zeros are the true padding.
+    """
+    (a, b), (c, d) = rows, cols
+    r0, r1 = max((a - 1) // 2, 0), min((b + 2) // 2, src.height)
+    c0, c1 = max((c - 1) // 2, 0), min((d + 2) // 2, src.width)
+    x = _window_input(slots, name, (r0, r1), (c0, c1), False, affine, device)  # [N, C, r1-r0, c1-c0]
+    return phases(x)[:, :, a - 2 * r0 : b - 2 * r0, c - 2 * c0 : d - 2 * c0]  # [N, Cout, b-a, d-c]
 
 
 def _band_rows(op: WindowOp, a: int, b: int) -> dict[str, int]:

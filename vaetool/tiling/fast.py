@@ -14,7 +14,9 @@ large crops estimate them far worse (measured on SD-sized random weights, 256 px
 tiles: 2x2-latent-px crops 45 dB, 1 px 41 dB, 8 px 20 dB PSNR vs untiled; exact statistics 59 dB).
 
 Error against the untiled output (PSNR over the reference's value range) on SD-sized random
-weights is in `ERROR_DB`, measured with bench/bench_tiling.py (see its table for the command).
+weights is in `ERROR_DB`, measured with bench/bench_tiling.py (`--full --ops decode`, and
+`--sizes 256 --tile 128`). diffusers' tiled decode on the same weights and tiles: 31.9, 33.8 and
+33.6 dB.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ DEFAULT_TILE = 384  # image pixels between tile starts
 STATS_CROP = 2  # latent pixels per mosaic crop
 
 # PSNR (dB) of fast mode vs untiled, SD-sized random weights, from bench/bench_tiling.py
-ERROR_DB: dict[str, float] = {}
+# key: "decode IMAGE_PX/TILE_PX"
+ERROR_DB: dict[str, float] = {"decode 256/128": 44.6, "decode 512/256": 50.1, "decode 1024/256": 45.0}
 
 
 def mosaic(x: torch.Tensor, pixels: int, crop: int, align: int = 1) -> torch.Tensor:

@@ -10,14 +10,14 @@ run a program tile by tile with GroupNorm statistics pooled over all tiles, or f
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from vaetool.nn.blocks import AttnBlock, Downsample, NoAttn, ResnetBlock, Upsample
+from vaetool.nn.blocks import AttnBlock, Downsample, NoAttn, ResnetBlock, Upsample, is_plain_3x3, upsample_conv_phases
 from vaetool.nn.coders import Decoder, Encoder
 from vaetool.nn.temporal import AE3DConv, VideoResBlock
 
@@ -37,6 +37,7 @@ class Window:
     stride: tuple[int, int]
     pad_lo: tuple[int, int]
     pad_hi: tuple[int, int]
+    phases: TensorFn | None = None  # fn(nearest_x2(x)) straight from x (see nn.blocks.upsample_conv_phases)
 
     def out_size(self, n: int, dim: int) -> int:
         """Output length along `dim` (0 rows, 1 columns) for an input of length `n`."""
@@ -243,6 +244,9 @@ def _block(p: Program, m: nn.Module, x: str) -> str:
         return _resnet(p, m, x)
     if isinstance(m, Upsample):
         window = conv_window(m.conv) if m.with_conv else IDENTITY
+        if m.with_conv and is_plain_3x3(m.conv):
+            conv = m.conv
+            window = replace(window, phases=lambda t: upsample_conv_phases(t, conv))
         return p.add(WindowOp(x, p.slot(), window, upsample=True))
     if isinstance(m, Downsample):
         if m.with_conv:  # pad right/bottom by one, then a stride-2 conv without padding
