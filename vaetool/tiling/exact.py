@@ -148,16 +148,12 @@ def _window_tile(
     """Output rows x cols of a WindowOp, [N, Cout, b-a, d-c]."""
     w = op.window
     if op.upsample and w.phases is not None:
-        y = _phase_tile(w.phases, slots[op.src], slots, op.src, affine, rows, cols, device)
+        y = _phase_tile(w.phases, slots, op.src, affine, rows, cols, device)
     else:
         x = _window_input(slots, op.src, w.in_range(*rows, 0), w.in_range(*cols, 1), op.upsample, affine, device)
         y = w.fn(x)  # [N, Cout, b-a, d-c]
     if op.residual is not None:
-        sc = op.shortcut
-        if sc is None:
-            res = slots[op.residual].region(*rows, *cols, device)
-        else:
-            res = sc.fn(_window_input(slots, op.residual, sc.in_range(*rows, 0), sc.in_range(*cols, 1), False, None, device))
+        res = slots[op.residual].region(*rows, *cols, device)
         y = res + y
         if op.alpha is not None:
             alpha = op.alpha.to(y.device, y.dtype)
@@ -166,7 +162,7 @@ def _window_tile(
 
 
 def _phase_tile(
-    phases: Callable[[torch.Tensor], torch.Tensor], src: Banded, slots: dict[str, Banded], name: str,
+    phases: Callable[[torch.Tensor], torch.Tensor], slots: dict[str, Banded], name: str,
     affine: tuple[torch.Tensor, torch.Tensor] | None, rows: tuple[int, int], cols: tuple[int, int], device: torch.device,
 ) -> torch.Tensor:
     """Upsample + 3x3 conv output rows x cols, from the source region one source pixel wider (no 4x buffer).
@@ -174,6 +170,7 @@ def _phase_tile(
     The phase conv zero-pads its region, so only outputs 1 px inside the region's upsampled extent are
     right, except at the tensor's own border, where the zeros are the true padding.
     """
+    src = slots[name]
     (a, b), (c, d) = rows, cols
     r0, r1 = max((a - 1) // 2, 0), min((b + 2) // 2, src.height)
     c0, c1 = max((c - 1) // 2, 0), min((d + 2) // 2, src.width)
@@ -187,8 +184,7 @@ def _band_rows(op: WindowOp, a: int, b: int) -> dict[str, int]:
     if op.side is not None:
         need[op.src] = min(need[op.src], max(op.side.in_range(a, b, 0)[0], 0))
     if op.residual is not None:
-        lo = a if op.shortcut is None else max(op.shortcut.in_range(a, b, 0)[0], 0)
-        need[op.residual] = min(need.get(op.residual, lo), lo)
+        need[op.residual] = min(need.get(op.residual, a), a)
     return need
 
 

@@ -70,7 +70,6 @@ class WindowOp:
     norm: Norm | None = None
     upsample: bool = False
     residual: str | None = None
-    shortcut: Window | None = None  # applied to the residual slot; None is the identity
     alpha: torch.Tensor | None = None  # out = alpha * (res + y) + (1 - alpha) * res (video res blocks)
     act: TensorFn | None = None
     side: Window | None = None  # also side_out = side(src), the raw source, in the same pass over the tiles
