@@ -190,6 +190,34 @@ def test_shards_and_index(runner, tree: Path, tmp_path: Path) -> None:
     assert json.loads(again.stdout)["skipped"] == 4 and json.loads(again.stdout)["done"] == 0
 
 
+def test_a_failed_shard_reports_its_items_failed_and_resume_redoes_them(
+    runner, tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vaetool.io.shards as shards_module
+
+    out, real = tmp_path / "shards", shards_module.atomic_write
+    calls: list[str] = []
+
+    def full_disk(path: Path, write, **kw):  # noqa: ANN001, ANN003, ANN202 - the first shard hits a full disk
+        calls.append(path.name)
+        if calls.count("shard-00000.safetensors") == 1 and path.name == "shard-00000.safetensors":
+            raise OSError(28, "No space left on device")
+        return real(path, write, **kw)
+
+    monkeypatch.setattr(shards_module, "atomic_write", full_disk)
+    first = _encode(runner, str(tree), "-r", "-o", str(out), *MODEL, "--shard-size", "3", "--json")
+    assert first.exit_code == 1
+    summary = json.loads(first.stdout)
+    assert summary["done"] == 1 and len(summary["failed"]) == 3
+    assert all("shard-00000.safetensors not written (no space left on device)" in f["reason"] for f in summary["failed"])
+    records = read_manifest(out / "manifest.jsonl")
+    assert sorted(r["status"] for r in records) == ["failed"] * 3 + ["written"]
+    assert len(read_index(out / "index.json")["items"]) == 1
+    again = json.loads(_encode(runner, str(tree), "-r", "-o", str(out), *MODEL, "--shard-size", "3", "--json").stdout)
+    assert (again["done"], again["skipped"], again["failed"]) == (3, 1, [])
+    assert set(read_index(out / "index.json")["items"]) == {"a.png", "b.png", "sub/c.png", "sub/deep/d.jpg"}
+
+
 def test_manifest_skip_overwrite_and_json(runner, tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     first = _encode(runner, str(tree), "-r", "-o", str(out), *MODEL, "--json")

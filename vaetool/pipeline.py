@@ -23,13 +23,21 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 
-from vaetool.errors import VaeToolError
+from vaetool.errors import OutputError, VaeToolError
 
 if TYPE_CHECKING:
     from vaetool.api import Vae
 
 # Exceptions that fail one job (a bad file, a failed write); anything else is a bug and propagates.
 ITEM_ERRORS: tuple[type[BaseException], ...] = (VaeToolError, OSError)
+
+
+class LostWrites(OutputError):
+    """A write failure that also lost writes already reported done (the queued items of a shard)."""
+
+    def __init__(self, problem: str, path: str | Path | None, jobs: Sequence[Job]) -> None:
+        super().__init__(problem, path)
+        self.jobs = tuple(jobs)
 
 
 @dataclass(frozen=True)
@@ -63,12 +71,16 @@ class Failure:
 
 @dataclass(frozen=True)
 class Event:
-    """Progress of one job: kind is "done", "skipped" or "failed"; `result` is what the writer returned."""
+    """Progress of one job: kind is "done", "skipped" or "failed"; `result` is what the writer returned.
+
+    `retracted`: a "failed" event for a job already reported "done" (its output was lost later).
+    """
 
     kind: str
     job: Job
     reason: str | None = None
     result: Any = None
+    retracted: bool = False
 
 
 @dataclass
@@ -158,10 +170,10 @@ class _Run(Generic[J]):
         if self.options.on_event is not None:
             self.options.on_event(event)
 
-    def fail(self, job: J, reason: str) -> None:
+    def fail(self, job: J, reason: str, retracted: bool = False) -> None:
         self.summary.failed.append(Failure(job.key, str(job.source), reason))
         self.summary.stopped = self.summary.stopped or self.options.fail_fast
-        self.emit(Event("failed", job, reason))
+        self.emit(Event("failed", job, reason, retracted=retracted))
 
     def add(self, job: J, loaded: Loaded, writer: ThreadPoolExecutor) -> None:
         """Put a loaded job in its size bucket; run the bucket when it is a full batch."""
@@ -212,7 +224,11 @@ class _Run(Generic[J]):
             try:
                 result = fut.result()
             except ITEM_ERRORS as err:
-                self.fail(job, f"cannot write output: {describe_error(err)}")
+                reason = f"cannot write output: {describe_error(err)}"
+                for lost in err.jobs if isinstance(err, LostWrites) else ():
+                    self.summary.done -= 1
+                    self.fail(lost, reason, retracted=True)  # type: ignore[arg-type]
+                self.fail(job, reason)
                 continue
             self.summary.done += 1
             self.emit(Event("done", job, result=result))

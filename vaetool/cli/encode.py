@@ -28,8 +28,8 @@ from vaetool.cli.options import (
     VerboseOpt, attention_scope, load_model,
 )
 from vaetool.pipeline import (
-    HALF_DTYPES, EngineOptions, Event, Job, Loaded, MomentsFn, Stages, Summary, encoder_moments, fp32_copy,
-    planned_batch_size, run_pipeline,
+    HALF_DTYPES, EngineOptions, Event, Job, Loaded, LostWrites, MomentsFn, Stages, Summary, encoder_moments,
+    fp32_copy, planned_batch_size, run_pipeline,
 )
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ class Sink:
 def latent_sink(settings: EncodeSettings, base: dict[str, Any], manifest: ManifestWriter | None) -> Sink:
     """One .safetensors per image, or shards with an index (--shard-size); each write is recorded in the manifest."""
     from vaetool.io.latents import save_latent
-    from vaetool.io.shards import ShardWriter, read_index
+    from vaetool.io.shards import ShardWriteError, ShardWriter, read_index
 
     def record(job: Job, output: Path, size: int | None, info: dict[str, Any]) -> None:
         if manifest is not None:
@@ -164,7 +164,12 @@ def latent_sink(settings: EncodeSettings, base: dict[str, Any], manifest: Manife
 
     def write_shard(job: Job, latent: torch.Tensor, info: dict[str, Any]) -> None:
         queued.append((job, info))
-        shards.add(job.key, latent, base | info | {"source": str(job.source)})
+        try:
+            shards.add(job.key, latent, base | info | {"source": str(job.source)})
+        except ShardWriteError as err:  # the queued items, reported done, went down with the shard
+            earlier = [queued_job for queued_job, _ in queued[:-1]]
+            queued.clear()
+            raise LostWrites(err.problem, err.path, earlier) from err
         if len(queued) >= settings.shard_size:  # add() has written the shard
             published()
 

@@ -277,7 +277,8 @@ class Reporter:
             self.print(f"failed: {event.job.source}: {event.reason}")
         elif self.verbose:
             self.print(f"{event.kind}: {event.job.source}" + (f" -> {event.result}" if event.result is not None else ""))
-        self.progress.advance(self.task)
+        if not event.retracted:  # a retracted job was counted when it was reported done
+            self.progress.advance(self.task)
 
 
 class _RateColumn(ProgressColumn):

@@ -19,15 +19,23 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from vaetool.errors import InputError, OutputExistsError
+from vaetool.errors import InputError, OutputError, OutputExistsError
 from vaetool.io.atomic import atomic_write
 from vaetool.io.latents import (
     FORMAT_VERSION, SHARD_FORMAT, LatentItem, read_safetensors_header, read_tensors, validate_latent,
 )
 
-__all__ = ["INDEX_FORMAT", "ShardWriter", "load_shard", "load_shard_dir", "read_index", "shard_keys"]
+__all__ = ["INDEX_FORMAT", "ShardWriteError", "ShardWriter", "load_shard", "load_shard_dir", "read_index", "shard_keys"]
 
 INDEX_FORMAT = "vaetool.shard_index"
+
+
+class ShardWriteError(OutputError):
+    """A shard that could not be written: its queued items (`keys`) are dropped; a resumed run redoes them."""
+
+    def __init__(self, problem: str, path: Path, keys: list[str]) -> None:
+        super().__init__(problem, path)
+        self.keys = keys
 
 
 def shard_keys(path: Path) -> dict[str, list[int]]:
@@ -145,14 +153,24 @@ class ShardWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Write the queued items as one shard (nothing when none are queued), then the index."""
+        """Write the queued items as one shard (nothing when none are queued), then the index.
+
+        When the shard cannot be written (ShardWriteError), its items are dropped, not retried.
+        """
         if not self._pending:
             return
         name = f"{self.prefix}-{self._next:05d}.safetensors"
         tensors = {k: t for k, (t, _) in self._pending.items()}
         header = {"format": SHARD_FORMAT, "format_version": FORMAT_VERSION,
                   "items": json.dumps({k: m for k, (_, m) in self._pending.items()}, sort_keys=True, allow_nan=False)}
-        atomic_write(self.out_dir / name, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=header))
+        try:
+            atomic_write(self.out_dir / name, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=header))
+        except OSError as err:
+            keys = list(self._pending)
+            self._pending.clear()
+            reason = (err.strerror or str(err)).lower()
+            raise ShardWriteError(f"shard {name} not written ({reason}); a resumed run redoes its {len(keys)} items",
+                                  self.out_dir / name, keys) from err
         self._next += 1
         for key, tensor in tensors.items():
             self._index["items"][key] = {"shard": name, "shape": list(tensor.shape)}
