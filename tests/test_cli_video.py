@@ -197,3 +197,50 @@ def test_decode_rejects_latents_of_another_model(runner, tmp_path: Path) -> None
     assert _invoke(runner, "encode", _gif(tmp_path / "in.gif", n=3), "-o", lat, *MODEL).exit_code == 0
     _fails(_invoke(runner, "decode", lat, "-o", tmp_path / "out", "-m", "tiny-f8-16ch", "--device", "cpu"),
            "c.safetensors", "4 channels", "takes 16")
+
+
+def _nan_when(monkeypatch: pytest.MonkeyPatch, bad: tuple[torch.dtype, ...]) -> None:
+    """Vae.moments and Vae.decode return NaN for models of the `bad` dtypes (an overflowing half-precision model)."""
+    from vaetool.api import Vae
+
+    real_moments, real_decode = Vae.moments, Vae.decode
+
+    def moments(self, images):  # noqa: ANN001, ANN202
+        mean, logvar = real_moments(self, images)
+        return (mean * float("nan"), logvar) if self.dtype in bad else (mean, logvar)
+
+    def decode(self, latents, **kw):  # noqa: ANN001, ANN003, ANN202
+        out = real_decode(self, latents, **kw)
+        return out * float("nan") if self.dtype in bad else out
+
+    monkeypatch.setattr(Vae, "moments", moments)
+    monkeypatch.setattr(Vae, "decode", decode)
+
+
+def test_nan_in_half_precision_is_redone_in_fp32(runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    frames = _folder(tmp_path / "in")
+    reference = _invoke(runner, "roundtrip", frames, "-o", tmp_path / "fp32", *MODEL, "--dtype", "fp32", "--chunk-frames", 4)
+    assert reference.exit_code == 0, reference.stderr
+    _nan_when(monkeypatch, (torch.bfloat16,))
+    result = _invoke(runner, "roundtrip", frames, "-o", tmp_path / "bf16", *MODEL, "--dtype", "bf16", "--chunk-frames", 4)
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.count("redoing it in fp32") == 1
+    names = sorted(p.name for p in (tmp_path / "fp32").iterdir())
+    assert names and names == sorted(p.name for p in (tmp_path / "bf16").iterdir())
+    for name in names:  # bf16-rounded weights run in fp32: close to the fp32 model, and not NaN garbage
+        got = np.asarray(Image.open(tmp_path / "bf16" / name)).astype(int)
+        want = np.asarray(Image.open(tmp_path / "fp32" / name)).astype(int)
+        assert np.abs(got - want).max() <= 8
+    as_json = _invoke(runner, "roundtrip", frames, "-o", tmp_path / "j", *MODEL, "--dtype", "bf16", "--chunk-frames", 4, "--json")
+    assert json.loads(as_json.stdout)["fp32_retries"] == 1 + 3  # one encode batch, three decoder chunks
+
+
+def test_nan_in_fp32_too_is_an_error_naming_the_input(runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    frames = _folder(tmp_path / "in")
+    _nan_when(monkeypatch, (torch.bfloat16, torch.float32))
+    result = _invoke(runner, "roundtrip", frames, "-o", tmp_path / "out", *MODEL, "--dtype", "bf16")
+    assert result.exit_code == 1
+    assert str(frames) in result.stderr and "has NaN/inf values" in result.stderr
+    assert [line for line in result.stderr.splitlines() if not line.startswith("note: ")] == [
+        f"error: {frames}: the model's output for frames 0-6 has NaN/inf values"]
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []

@@ -44,7 +44,7 @@ from vaetool.errors import InputError, OutputError
 
 if TYPE_CHECKING:
     from vaetool.api import Vae
-    from vaetool.video.coding import DecodePlan
+    from vaetool.video.coding import DecodePlan, Fp32Retry
 
 NAME = "video"
 HELP = ("Videos: frames folder / GIF / mp4 -> latents (encode), latents -> PNG frames / GIF / mp4 (decode), "
@@ -107,18 +107,20 @@ def _read_latents(vae: Vae, path: Path, fps: float | None, name: str) -> Clip:
     return Clip(latents, rate, original_size(meta, latents, vae.downscale, path), is_scaled(meta))
 
 
-def _encode_input(vae: Vae, path: Path, compute: ComputeOptions, *, fps: float | None, resize: bool, scaled: bool) -> Clip:
+def _encode_input(
+    vae: Vae, path: Path, compute: ComputeOptions, retry: Fp32Retry, *, fps: float | None, resize: bool, scaled: bool
+) -> Clip:
     """A frame folder, animation or video file, encoded frame by frame."""
     from vaetool.video.coding import encode_frames
     from vaetool.video.frames import open_frames
 
     info, frames = open_frames(path, fps=fps, resize=resize)
     latents, size = encode_frames(vae, frames, batch_size=compute.batch_size, tile=compute.tile.value,
-                                  tile_size=compute.tile_size, max_memory=compute.max_memory, scaled=scaled)
+                                  tile_size=compute.tile_size, max_memory=compute.max_memory, scaled=scaled, retry=retry)
     return Clip(latents, info.fps, size, scaled)
 
 
-def _decode_to(vae: Vae, clip: Clip, outputs: list[Path], plan: DecodePlan, *, overwrite: bool) -> None:
+def _decode_to(vae: Vae, clip: Clip, outputs: list[Path], plan: DecodePlan, retry: Fp32Retry, *, overwrite: bool) -> None:
     """Decode and feed every writer; all outputs are published at the end or none is."""
     from vaetool.video.coding import decode_video
     from vaetool.video.writers import FrameWriter, open_writer
@@ -127,7 +129,7 @@ def _decode_to(vae: Vae, clip: Clip, outputs: list[Path], plan: DecodePlan, *, o
     try:
         for out in outputs:
             writers.append(open_writer(out, fps=clip.fps, frames=clip.latents.shape[0], overwrite=overwrite))
-        for frame in decode_video(vae, clip.latents, plan, scaled=clip.scaled, size=clip.size):  # [H, W, 3] uint8
+        for frame in decode_video(vae, clip.latents, plan, scaled=clip.scaled, size=clip.size, retry=retry):  # [H, W, 3] uint8
             for writer in writers:
                 writer.add(frame)
         for writer in writers:
@@ -165,7 +167,7 @@ def command(
     debug: Debug = False,
 ) -> None:
     """Encode a video to latents, decode latents to a video, or both."""
-    from vaetool.video.coding import is_temporal, plan_decode
+    from vaetool.video.coding import Fp32Retry, is_temporal, plan_decode
     from vaetool.video.store import save_video_latents, video_metadata
 
     _check_outputs(mode, output, overwrite)
@@ -175,11 +177,12 @@ def command(
     vae = load_model(opts)
     name = vae.source.get("config_name") or vae.source.get("checkpoint") or "the model"
     summary: dict[str, Any] = {"mode": mode.value, "input": str(input_path), "outputs": [str(o) for o in output]}
+    retry = Fp32Retry(vae, input_path, notice=None if quiet or as_json else lambda text: _note(f"note: {text}"))
     with attention_scope(opts):
         if mode is Mode.decode:
             clip = _read_latents(vae, input_path, fps, name)
         else:
-            clip = _encode_input(vae, input_path, compute, fps=fps, resize=resize, scaled=scaled and mode is Mode.encode)
+            clip = _encode_input(vae, input_path, compute, retry, fps=fps, resize=resize, scaled=scaled and mode is Mode.encode)
         t, _, h, w = clip.latents.shape
         summary |= {"frames": t, "fps": clip.fps, "size": list(clip.size), "latent_shape": [t, clip.latents.shape[1], h, w]}
         if mode is Mode.encode:
@@ -192,7 +195,8 @@ def command(
             plan = plan_decode(vae, t, h * f, w * f, chunk_frames=chunk_frames, overlap=overlap, batch_size=batch_size,
                                tile=tile.value, tile_size=tile_size, max_memory=max_memory)
             summary |= {"temporal": plan.temporal, "chunk_frames": plan.chunk_frames, "overlap": plan.overlap, "tile": plan.tile}
-            _decode_to(vae, clip, output, plan, overwrite=overwrite)
+            _decode_to(vae, clip, output, plan, retry, overwrite=overwrite)
+    summary["fp32_retries"] = retry.retries
     if as_json:
         typer.echo(json.dumps(summary))
     elif not quiet:

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 from einops import rearrange
 from torch import nn
+from torch.nn import functional as F
 
 from vaetool.nn.blending import mix_alpha, register_mix_factor
 from vaetool.nn.blocks import AttnBlock, ResnetBlock
@@ -52,10 +53,12 @@ def _kernel3d(size: KernelSize) -> tuple[tuple[int, int, int], tuple[int, int, i
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back to the input dtype."""
+    """GroupNorm computed in float32 (half-precision weights too) and cast back to the input dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 class TemporalResBlock(nn.Module):

@@ -10,14 +10,15 @@ for, or when the memory planner (vaetool.memory) says a chunk does not fit; with
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from vaetool.api import Vae
-from vaetool.errors import ConfigError
+from vaetool.errors import ConfigError, InputError
 from vaetool.io.images import pad_to_multiple, to_uint8
 from vaetool.video.chunks import DecodeFn, iter_decode_chunks, validate_chunking
 from vaetool.video.frames import Frame
@@ -142,7 +143,34 @@ def plan_decode(
     return DecodePlan(True, chunk, ov, tile_px, tile_mode)
 
 
-def frame_decoder(vae: Vae, plan: DecodePlan, *, scaled: bool = False) -> DecodeFn:
+class Fp32Retry:
+    """Run a model call; when a half-precision model's output holds NaN/inf, redo it with an fp32 copy (built once)."""
+
+    def __init__(self, vae: Vae, source: str | Path | None = None, notice: Callable[[str], None] | None = None) -> None:
+        self.vae, self.source, self.notice = vae, source, notice
+        self.fp32: Vae | None = None
+        self.retries = 0
+
+    def __call__(self, call: Callable[[Vae], torch.Tensor], what: str) -> torch.Tensor:
+        """call(vae) -> tensor, redone in fp32 if it is not finite; an InputError naming `source` if fp32 fails too."""
+        from vaetool.pipeline import HALF_DTYPES, fp32_copy
+
+        out = call(self.vae)
+        if bool(torch.isfinite(out).all()):
+            return out
+        if self.vae.dtype in HALF_DTYPES:
+            if self.fp32 is None:
+                self.fp32 = fp32_copy(self.vae)
+                if self.notice is not None:
+                    self.notice(f"NaN/inf in the half-precision output for {what}: redoing it in fp32 (and any later such call)")
+            self.retries += 1
+            out = call(self.fp32)
+        if not bool(torch.isfinite(out).all()):
+            raise InputError(f"the model's output for {what} has NaN/inf values", self.source)
+        return out
+
+
+def frame_decoder(vae: Vae, plan: DecodePlan, *, scaled: bool = False, retry: Fp32Retry | None = None) -> DecodeFn:
     """decode(z [L, C, h, w], L) -> images [L, 3, h*f, w*f]: one clip of L frames (or L independent frames)."""
     if plan.tile is None:
         tiled = None
@@ -153,22 +181,30 @@ def frame_decoder(vae: Vae, plan: DecodePlan, *, scaled: bool = False) -> Decode
         except (ImportError, AttributeError):
             raise ConfigError(f"--tile {plan.tile_mode} needs {module}, which this installation lacks; use --tile off") from None
 
-    def decode(z: torch.Tensor, n: int) -> torch.Tensor:
-        kwargs = {"timesteps": n} if plan.temporal else {}
+    def run(v: Vae, z: torch.Tensor, n: int) -> torch.Tensor:
+        kw = {"timesteps": n} if plan.temporal else {}
         if tiled is None:
-            return vae.decode(z, scaled=scaled, **kwargs)  # [L, 3, H, W]
-        z = z.to(vae.device, vae.dtype)
-        z = vae.latent_format.to_raw(z) if scaled else z
-        return tiled(vae.model, z, plan.tile, **kwargs)  # [L, 3, H, W]
+            return v.decode(z, scaled=scaled, **kw)  # [L, 3, H, W]
+        z = z.to(v.device, v.dtype)
+        z = v.latent_format.to_raw(z) if scaled else z
+        return tiled(v.model, z, plan.tile, **kw)  # [L, 3, H, W]
+
+    retry = retry or Fp32Retry(vae)
+    chunks = [0]
+
+    def decode(z: torch.Tensor, n: int) -> torch.Tensor:
+        chunks[0] += 1
+        return retry(lambda v: run(v, z, n), f"decoder chunk {chunks[0]} ({z.shape[0]} frames)")
 
     return decode
 
 
 def decode_video(
-    vae: Vae, latents: torch.Tensor, plan: DecodePlan, *, scaled: bool = False, size: tuple[int, int] | None = None
+    vae: Vae, latents: torch.Tensor, plan: DecodePlan, *, scaled: bool = False, size: tuple[int, int] | None = None,
+    retry: Fp32Retry | None = None,
 ) -> Iterator[np.ndarray]:
     """Latents [T, C, h, w] -> uint8 frames [H, W, 3] in order, cropped to `size` (H, W) when given."""
-    decode = frame_decoder(vae, plan, scaled=scaled)
+    decode = frame_decoder(vae, plan, scaled=scaled, retry=retry)
     overlap = plan.overlap if plan.temporal else 0
     for _, images in iter_decode_chunks(decode, latents, plan.chunk_frames, overlap):
         images = images.cpu()  # [n, 3, H, W]
@@ -187,6 +223,7 @@ def encode_frames(
     tile_size: int | None = None,
     max_memory: str | None = None,
     scaled: bool = False,
+    retry: Fp32Retry | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Frames (all one size) -> (latents [T, C, ceil(H/f), ceil(W/f)] float32 on CPU, (H, W)); posterior mode.
 
@@ -196,14 +233,19 @@ def encode_frames(
     from vaetool.pipeline import encoder_moments
 
     f = vae.downscale
-    moments = encoder_moments(tile, tile_size, max_memory)(vae)  # tiles only when asked or needed
+    moments_of = encoder_moments(tile, tile_size, max_memory)  # tiles only when asked or needed
+    retry = retry or Fp32Retry(vae)
     out: list[torch.Tensor] = []
     batch: list[torch.Tensor] = []
     size: tuple[int, int] | None = None
 
+    def mean(v: Vae, x: torch.Tensor) -> torch.Tensor:
+        return moments_of(v)(x.to(v.device, v.dtype))[0].float().cpu()  # posterior mean [B, C, h, w]
+
     def flush() -> None:
         x, _ = pad_to_multiple(torch.stack(batch), f)  # [B, 3, H', W']
-        z = moments(x.to(vae.device, vae.dtype))[0].float().cpu()  # posterior mean [B, C, h, w]
+        first = sum(len(z) for z in out)
+        z = retry(lambda v: mean(v, x), f"frames {first}-{first + len(batch) - 1}")
         out.append(vae.latent_format.to_scaled(z) if scaled else z)
         batch.clear()
 
