@@ -390,16 +390,28 @@ def test_killed_run_leaves_no_partial_file_and_resumes(tmp_path: Path) -> None:
 def test_torchrun_two_ranks_make_the_same_files(runner, tree: Path, tmp_path: Path) -> None:
     single, ranks = tmp_path / "single", tmp_path / "ranks"
     assert _encode(runner, str(tree), "-r", "-o", str(single), *MODEL, "-b", "1").exit_code == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "vaetool", "encode", str(tree), "-r", "-o", str(ranks), *MODEL, "-b", "1"]
-    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+
+    def torchrun(out: Path, *extra: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "vaetool", "encode", str(tree), "-r", "-o", str(out), *MODEL, "-b", "1", *extra]
+        result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    torchrun(ranks)
     assert _files(ranks) == _files(single)
     for rel in _files(single):
         assert torch.equal(_latent(ranks / rel)[0], _latent(single / rel)[0]), rel
     merged = read_manifest(ranks / "manifest.jsonl")
     assert sorted(r["key"] for r in merged) == ["a.png", "b.png", "sub/c.png", "sub/deep/d.jpg"]
     assert not list(ranks.glob("manifest.rank*.jsonl"))  # parts merged away
+
+    sharded = tmp_path / "sharded"  # shards: each rank writes its own, rank 0 merges the indexes
+    torchrun(sharded, "--shard-size", "2")
+    index = read_index(sharded / "index.json")["items"]
+    assert sorted(index) == ["a.png", "b.png", "sub/c.png", "sub/deep/d.jpg"]
+    assert {entry["shard"].split("-")[0] for entry in index.values()} == {"rank0", "rank1"}
+    for item in load_shard_dir(sharded):
+        assert torch.equal(item.latent, _latent(single / Path(item.name).with_suffix(".safetensors"))[0]), item.name
 
 
 def test_engine_runs_partial_batches_when_too_much_waits() -> None:

@@ -14,7 +14,7 @@ import torch
 
 from vaetool.errors import InputError, OutputExistsError
 from vaetool.io.latents import LatentItem, check_channels, load_latents, save_latent
-from vaetool.io.shards import ShardWriter, load_shard, read_index
+from vaetool.io.shards import ShardWriter, load_shard, merge_shard_indexes, rank_index_name, read_index
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -221,6 +221,20 @@ def test_shards_resume_after_lost_index_and_refuse_duplicates(tmp_path: Path) ->
         assert writer.done_keys() == set()
         _fill(writer, ["z"])
     assert [i.name for i in load_latents(tmp_path)] == ["z"]
+
+
+def test_rank_indexes_merge_into_index_json(tmp_path: Path) -> None:
+    for rank, keys in ((1, ["b", "d"]), (0, ["a", "c"])):
+        with ShardWriter(tmp_path, 1, prefix=f"rank{rank}", index_name=rank_index_name(rank)) as writer:
+            _fill(writer, keys)
+    merged = merge_shard_indexes(tmp_path)
+    assert read_index(tmp_path / "index.json") == merged
+    assert {k: v["shard"] for k, v in merged["items"].items()} == {
+        "a": "rank0-00000.safetensors", "b": "rank1-00000.safetensors",
+        "c": "rank0-00001.safetensors", "d": "rank1-00001.safetensors"}
+    with ShardWriter(tmp_path, 1) as single:  # a later single-process run resumes from the merged index
+        assert single.done_keys() == {"a", "b", "c", "d"}
+    assert sorted(tmp_path.glob("index.rank*.json")) == [tmp_path / "index.rank0.json", tmp_path / "index.rank1.json"]
 
 
 def test_shard_writer_keeps_complete_items_when_the_run_fails(tmp_path: Path) -> None:

@@ -240,8 +240,8 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def finish_ranks(manifest: Path, rank: int, world: int) -> None:
-    """Under torchrun: wait for every rank (a gloo barrier) and let rank 0 merge the manifest parts."""
+def finish_ranks(manifest: Path, rank: int, world: int, shard_dir: Path | None = None) -> None:
+    """Under torchrun: wait for every rank (a gloo barrier); rank 0 merges the manifest parts and shard indexes."""
     if world == 1 or "MASTER_ADDR" not in os.environ:  # plain RANK/WORLD_SIZE: the parts stay
         return
     import torch.distributed as dist
@@ -253,6 +253,10 @@ def finish_ranks(manifest: Path, rank: int, world: int) -> None:
     dist.barrier()
     if rank == 0:
         merge_manifests(manifest)
+        if shard_dir is not None:
+            from vaetool.io.shards import merge_shard_indexes
+
+            merge_shard_indexes(shard_dir)
     dist.destroy_process_group()
 
 
@@ -336,6 +340,7 @@ def command(
     from vaetool.cli import app_state
     from vaetool.io.inputs import collect_inputs
     from vaetool.io.manifest import ManifestWriter, rank_manifest_path
+    from vaetool.io.shards import rank_index_name
 
     if not inputs and files_from is None:
         app_state.err_console.print("error: give image files, folders or globs, or --files-from LIST", markup=False)
@@ -346,7 +351,7 @@ def command(
     settings = EncodeSettings(
         out_dir=output, scaled=scaled, sample=sample, seed=seed, shard_size=shard_size, overwrite=overwrite,
         alpha=alpha.value, background=_background(background),
-        shard_prefix="shard" if world == 1 else f"rank{rank}", shard_index="index.json" if world == 1 else f"index.rank{rank}.json",
+        shard_prefix="shard" if world == 1 else f"rank{rank}", shard_index="index.json" if world == 1 else rank_index_name(rank),
     )
     mine = collect_inputs(inputs or [], recursive=recursive, files_from=files_from)[rank::world]
     _prepare_output(output)
@@ -360,7 +365,7 @@ def command(
         engine = dataclasses.replace(engine, on_event=reporter.event, on_notice=reporter.notice)
         with attention_scope(model_opts):
             summary = encode_files(vae, mine, settings, moments=encoder_moments(compute.tile.value, compute.tile_size, compute.max_memory), engine=engine, manifest=records)
-    finish_ranks(manifest_path, rank, world)
+    finish_ranks(manifest_path, rank, world, output if shard_size is not None else None)
     extra = {"inputs": len(mine), "output": str(output), "manifest": str(part), "rank": rank, "world_size": world,
              "family": vae.latent_format.family, "dtype": str(vae.dtype).removeprefix("torch.")}
     _report(summary, extra, as_json=as_json, quiet=quiet)

@@ -25,7 +25,10 @@ from vaetool.io.latents import (
     FORMAT_VERSION, SHARD_FORMAT, LatentItem, read_safetensors_header, read_tensors, validate_latent,
 )
 
-__all__ = ["INDEX_FORMAT", "ShardWriteError", "ShardWriter", "load_shard", "load_shard_dir", "read_index", "shard_keys"]
+__all__ = [
+    "INDEX_FORMAT", "ShardWriteError", "ShardWriter", "load_shard", "load_shard_dir", "merge_shard_indexes", "rank_index_name",
+    "read_index", "shard_keys",
+]
 
 INDEX_FORMAT = "vaetool.shard_index"
 
@@ -77,6 +80,30 @@ def read_index(path: str | Path) -> dict[str, Any]:
     except (ValueError, AttributeError) as err:
         raise InputError(f"corrupt shard index: {err}", path) from None
     return index
+
+
+def rank_index_name(rank: int) -> str:
+    """The index file of one torchrun rank's shards (merged into index.json by merge_shard_indexes)."""
+    return f"index.rank{rank}.json"
+
+
+def merge_shard_indexes(directory: str | Path, index_name: str = "index.json") -> dict[str, Any]:
+    """Join the torchrun ranks' `index.rank{r}.json` files (and what `index_name` holds) into `index_name`.
+
+    The rank parts stay (each rank resumes from its own); a key listed twice keeps its entry from
+    `index_name`, else from the lowest rank. Returns the merged index.
+    """
+    directory = Path(directory)
+    target = directory / index_name
+    merged = read_index(target)
+    parts = sorted(directory.glob("index.rank*.json"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
+    for part in parts:
+        for key, entry in read_index(part)["items"].items():
+            merged["items"].setdefault(key, entry)
+    merged.update(format=INDEX_FORMAT, format_version=FORMAT_VERSION)
+    data = (json.dumps(merged, indent=1, sort_keys=True) + "\n").encode()
+    atomic_write(target, lambda tmp: tmp.write_bytes(data), overwrite=True)
+    return merged
 
 
 def _shard_files(directory: Path, prefix: str | None = None) -> list[Path]:
