@@ -466,6 +466,25 @@ def test_parity_with_diffusers(kl_models: dict[str, nn.Module], name: str) -> No
             torch.testing.assert_close(model.decode(post.mean), ref.decode(post.mean).sample, atol=1e-4, rtol=0)
 
 
+def test_norm_groups_parity_with_diffusers() -> None:
+    ref = _diffusers_kl(block_out_channels=(32, 64), norm_num_groups=8)
+    config = config_from_state_dict(to_original(ref.state_dict()))
+    for coder in ("encoder_config", "decoder_config"):
+        config["params"][coder]["params"]["norm_groups"] = 8
+    from vaetool.config import instantiate_from_config
+
+    model = instantiate_from_config(config).eval()
+    load_into(model, to_original(ref.state_dict()))
+    x = torch.rand((1, 3, 40, 56), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        mean = model.encode_moments(x).chunk(2, dim=1)[0]
+        torch.testing.assert_close(mean, ref.encode(x).latent_dist.mean, atol=1e-4, rtol=0)
+        torch.testing.assert_close(model.decode(mean), ref.decode(mean).sample, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="norm_groups 24 does not divide"):
+        instantiate_from_config(config | {"params": config["params"] | {"encoder_config": {
+            "target": "vaetool.Encoder", "params": config["params"]["encoder_config"]["params"] | {"norm_groups": 24}}}})
+
+
 def test_temporal_decoder_parity_with_diffusers(temporal_model: nn.Module) -> None:
     model = _vaetool_model(to_original(temporal_model.state_dict()))
     frames = 3

@@ -39,6 +39,15 @@ def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
 
 
+def set_norm_groups(module: nn.Module, groups: int) -> None:
+    """Give every GroupNorm in `module` `groups` groups (SD uses 32; diffusers calls it norm_num_groups)."""
+    for m in module.modules():
+        if isinstance(m, nn.GroupNorm):
+            if groups < 1 or m.num_channels % groups:
+                raise ValueError(f"norm_groups {groups} does not divide a GroupNorm's {m.num_channels} channels")
+            m.num_groups = groups
+
+
 class Upsample(nn.Module):
     """Nearest-neighbour x2, then an optional 3x3 conv."""
 

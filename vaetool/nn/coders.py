@@ -2,7 +2,9 @@
 
 Parameter names follow the original LDM/sgm layout so that checkpoints load without renaming.
 The Decoder builds its blocks through `_make_resblock`, `_make_attn` and `_make_conv`, which the
-temporal VideoDecoder overrides.
+temporal VideoDecoder overrides. `norm_groups` (default 32, as in SD) sets the groups of every
+GroupNorm: small models with few channels at full resolution need fewer groups, or the last
+norm becomes a per-channel instance norm that removes the image's global colour.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from vaetool.nn.blocks import Downsample, Normalize, ResnetBlock, Upsample, make_attn, norm_silu
+from vaetool.nn.blocks import Downsample, Normalize, ResnetBlock, Upsample, make_attn, norm_silu, set_norm_groups
 
 
 class Encoder(nn.Module):
@@ -33,6 +35,7 @@ class Encoder(nn.Module):
         double_z: bool = True,
         use_linear_attn: bool = False,
         attn_type: str = "vanilla",
+        norm_groups: int = 32,
         **ignored: object,
     ) -> None:
         super().__init__()
@@ -64,6 +67,7 @@ class Encoder(nn.Module):
         self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=0, dropout=dropout)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, stride=1, padding=1)
+        set_norm_groups(self, norm_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)  # [B, ch, H, W]
@@ -98,6 +102,7 @@ class Decoder(nn.Module):
         tanh_out: bool = False,
         use_linear_attn: bool = False,
         attn_type: str = "vanilla",
+        norm_groups: int = 32,
         **ignored: object,
     ) -> None:
         super().__init__()
@@ -132,6 +137,7 @@ class Decoder(nn.Module):
             self.up.insert(0, up)  # up[0] is the highest resolution and runs last
         self.norm_out = Normalize(block_in)
         self.conv_out = conv_cls(block_in, out_ch, kernel_size=3, stride=1, padding=1)
+        set_norm_groups(self, norm_groups)
 
     def _make_resblock(self) -> Callable[..., nn.Module]:
         return ResnetBlock
