@@ -27,7 +27,7 @@ def main(run: Path) -> None:
         meta = dict(f.metadata() or {})
     weights = {k: v.to(torch.float16) for k, v in safetensors.torch.load_file(str(source)).items()}
     scale = round(1.0 / float(meta["latent_std"]), 5)
-    keep = {k: meta[k] for k in ("format", "vaetool_version", "step", "ema", "val_psnr", "latent_std") if k in meta}
+    keep = {k: meta[k] for k in ("format", "vaetool_version", "step", "ema", "val_psnr", "latent_std", "norm_groups") if k in meta}
     TARGET.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(weights, str(TARGET), metadata=keep | {"family": "vaetool-mini", "scale": str(scale)})
     text = CONFIG.read_text()

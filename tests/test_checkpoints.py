@@ -420,6 +420,15 @@ def test_load_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
     assert err.value.path == str(path)
 
 
+def test_bad_norm_groups_metadata_is_named(kl_models: dict[str, nn.Module], tmp_path: Path) -> None:
+    path = tmp_path / "groups.safetensors"
+    sd = {k: v.contiguous() for k, v in to_original(kl_models["3-levels"].state_dict()).items()}
+    safetensors.torch.save_file(sd, str(path), metadata={"norm_groups": "eight"})
+    with pytest.raises(CheckpointError, match="metadata norm_groups must be a positive integer, got 'eight'") as err:
+        load_checkpoint(path)
+    assert err.value.path == str(path)
+
+
 # ---------------------------------------------------------------- strict loading
 
 

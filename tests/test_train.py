@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -171,3 +172,20 @@ def test_channel_shuffle_permutes_a_crop_colours(tmp_path: Path) -> None:
         assert any(torch.equal(shuffled[0], c) for c in plain)
         changed += not torch.equal(plain, shuffled)
     assert changed > 0
+
+
+def test_norm_groups_are_recorded_and_a_checkpoint_alone_loads_them(runner: CliRunner, tmp_path: Path) -> None:
+    model = copy.deepcopy(TINY_MODEL)
+    model["params"]["ddconfig"]["norm_groups"] = 8
+    cfg = _config(tmp_path, model=model, steps=2, val_every=1000)
+    assert runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "run"), "--quiet"]).exit_code == 0
+    weights = tmp_path / "run" / "model.safetensors"
+    from vaetool.api import load_vae
+
+    vae = load_vae(checkpoint=weights)  # no config: the groups come from the file's metadata
+    assert {m.num_groups for m in vae.model.modules() if isinstance(m, torch.nn.GroupNorm)} == {8}
+    built = instantiate_from_config(model).eval()
+    built.load_state_dict(safetensors.torch.load_file(str(weights)))
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(z), built.decode(z), atol=1e-5, rtol=0)

@@ -364,6 +364,16 @@ class LoadedCheckpoint:
         return digest.hexdigest()
 
 
+def _set_norm_groups(config: dict[str, Any], value: str | None) -> None:
+    """GroupNorm groups from a vaetool-trained file's metadata (shapes cannot tell them; SD's 32 otherwise)."""
+    if value is None:
+        return
+    if not value.isdigit() or int(value) < 1:
+        raise CheckpointError(f"metadata norm_groups must be a positive integer, got {value!r}")
+    for coder in ("encoder_config", "decoder_config"):
+        config["params"][coder]["params"]["norm_groups"] = int(value)
+
+
 def load_checkpoint(path: str | Path, *, ema: bool = False) -> LoadedCheckpoint:
     """Read any supported VAE checkpoint file into original layout plus its model config (no model built)."""
     path = Path(path)
@@ -374,6 +384,7 @@ def load_checkpoint(path: str | Path, *, ema: bool = False) -> LoadedCheckpoint:
         sd = to_original(found.state_dict)
         config = config_from_state_dict(sd)
         metadata = read_safetensors_metadata(path) if _looks_like_safetensors(path) else {}
+        _set_norm_groups(config, metadata.get("norm_groups"))
     except CheckpointError as err:
         if err.path is None:
             raise CheckpointError(err.problem, path) from None

@@ -175,13 +175,13 @@ def train(
                 log_file.flush()
             if done % settings.checkpoint_every == 0 or done == settings.steps:
                 _save_state(model, opt, done, out / STATE_FILE)
-                export_weights(model, out / WEIGHTS_FILE, _metadata(settings, done, val_psnr, latent_std))
+                export_weights(model, out / WEIGHTS_FILE, _metadata(settings, model, done, val_psnr, latent_std))
             if progress is not None:
                 progress(done, settings.steps, {k: row[k] for k in ("loss", "lr")} | ({"val_psnr": val_psnr} if val_psnr else {}))
     finally:
         log_file.close()
     if start >= settings.steps and not (out / WEIGHTS_FILE).exists():
-        export_weights(model, out / WEIGHTS_FILE, _metadata(settings, start, None, None))
+        export_weights(model, out / WEIGHTS_FILE, _metadata(settings, model, start, None, None))
     result = TrainResult(out, out / WEIGHTS_FILE, max(start, settings.steps), start, val_psnr, latent_std, time.time() - began)
     summary = {"step": result.step, "resumed_from": start, "val_psnr": val_psnr, "latent_std": latent_std,
                "seconds": round(result.seconds, 1), "weights": WEIGHTS_FILE, "decoder_only": decoder_only}
@@ -189,9 +189,14 @@ def train(
     return result
 
 
-def _metadata(settings: TrainSettings, step: int, val_psnr: float | None, latent_std: float | None) -> dict[str, str]:
+def _metadata(
+    settings: TrainSettings, model: torch.nn.Module, step: int, val_psnr: float | None, latent_std: float | None
+) -> dict[str, str]:
     meta = {"format": "vaetool.weights", "vaetool_version": __version__, "step": str(step), "ema": "true",
             "train_config": yaml.safe_dump({"model": settings.model, "steps": settings.steps}, sort_keys=False)}
+    groups = {m.num_groups for m in model.modules() if isinstance(m, torch.nn.GroupNorm)}
+    if groups != {32} and len(groups) == 1:  # not in the weights' shapes: loading by checkpoint alone needs it
+        meta["norm_groups"] = str(groups.pop())
     if val_psnr is not None:
         meta["val_psnr"] = f"{val_psnr:.3f}"
     if latent_std is not None:
