@@ -189,3 +189,14 @@ def test_norm_groups_are_recorded_and_a_checkpoint_alone_loads_them(runner: CliR
     z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(vae.decode(z), built.decode(z), atol=1e-5, rtol=0)
+
+
+def test_init_logvar_starts_a_fresh_model_nearly_noiseless(tmp_path: Path) -> None:
+    from vaetool.train.loop import build_model
+
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for value, (lo, hi) in ((None, (-1.0, 1.0)), (-8.0, (-9.0, -7.0))):
+        settings = load_train_settings(_config(tmp_path, init_logvar=value) if value else _config(tmp_path))
+        with torch.no_grad():
+            logvar = build_model(settings, None, False).encode_moments(x).chunk(2, dim=1)[1]
+        assert lo < float(logvar.mean()) < hi, (value, float(logvar.mean()))

@@ -45,6 +45,20 @@ class TrainResult:
     seconds: float
 
 
+def init_posterior_logvar(model: AutoencodingEngine, logvar: float) -> None:
+    """Set the bias of the layer that outputs the posterior's log-variance (quant_conv, else encoder.conv_out).
+
+    A fresh VAE starts with logvar about 0: the decoder trains on latents drowned in unit noise, and
+    low-variance content (colour) stays below that noise for a long time. Starting at e.g. -8 makes
+    the posterior nearly deterministic from the first step; the KL term is free to raise it.
+    """
+    layer = getattr(model, "quant_conv", None)
+    layer = layer if isinstance(layer, torch.nn.Conv2d) else model.encoder.conv_out
+    half = layer.out_channels // 2  # moments = (mean, logvar) along channels
+    with torch.no_grad():
+        layer.bias[half:] = logvar
+
+
 def build_model(settings: TrainSettings, init: str | Path | None, decoder_only: bool) -> AutoencodingEngine:
     """The model from the config (seeded), optionally loaded from a checkpoint, with the encoder frozen for decoder-only."""
     with torch.random.fork_rng(devices=[]):
@@ -53,6 +67,8 @@ def build_model(settings: TrainSettings, init: str | Path | None, decoder_only: 
     if init is not None:
         loaded = load_checkpoint(init)
         load_into(model, loaded.state_dict, loaded.path)
+    elif settings.init_logvar is not None:
+        init_posterior_logvar(model, settings.init_logvar)
     if decoder_only:
         for module in (model.encoder, getattr(model, "quant_conv", None)):
             if module is not None:

@@ -55,6 +55,7 @@ class TrainSettings:
     schedule: str = "cosine"  # or "constant"
     steps: int = 1000
     ema_decay: float = 0.999
+    init_logvar: float | None = None  # a fresh model's posterior log-variance bias (e.g. -8: near-noiseless latents)
     checkpoint_every: int = 100
     val_every: int = 100
     log_every: int = 10
