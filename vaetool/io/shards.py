@@ -34,11 +34,7 @@ INDEX_FORMAT = "vaetool.shard_index"
 
 
 class ShardWriteError(OutputError):
-    """A shard that could not be written: its queued items (`keys`) are dropped; a resumed run redoes them."""
-
-    def __init__(self, problem: str, path: Path, keys: list[str]) -> None:
-        super().__init__(problem, path)
-        self.keys = keys
+    """A shard that could not be written: its queued items are dropped; a resumed run redoes them."""
 
 
 def shard_keys(path: Path) -> dict[str, list[int]]:
@@ -193,11 +189,11 @@ class ShardWriter:
         try:
             atomic_write(self.out_dir / name, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=header))
         except OSError as err:
-            keys = list(self._pending)
+            count = len(self._pending)
             self._pending.clear()
             reason = (err.strerror or str(err)).lower()
-            raise ShardWriteError(f"shard {name} not written ({reason}); a resumed run redoes its {len(keys)} items",
-                                  self.out_dir / name, keys) from err
+            raise ShardWriteError(f"shard {name} not written ({reason}); a resumed run redoes its {count} items",
+                                  self.out_dir / name) from err
         self._next += 1
         for key, tensor in tensors.items():
             self._index["items"][key] = {"shard": name, "shape": list(tensor.shape)}

@@ -190,11 +190,12 @@ def frame_decoder(vae: Vae, plan: DecodePlan, *, scaled: bool = False, retry: Fp
         return tiled(v.model, z, plan.tile, **kw)  # [L, 3, H, W]
 
     retry = retry or Fp32Retry(vae)
-    chunks = [0]
+    chunk = 0
 
     def decode(z: torch.Tensor, n: int) -> torch.Tensor:
-        chunks[0] += 1
-        return retry(lambda v: run(v, z, n), f"decoder chunk {chunks[0]} ({z.shape[0]} frames)")
+        nonlocal chunk
+        chunk += 1
+        return retry(lambda v: run(v, z, n), f"decoder chunk {chunk} ({z.shape[0]} frames)")
 
     return decode
 
