@@ -120,7 +120,7 @@ def _case(spec: dict, timeout: int, repeats: int = 1) -> dict:
     runs = []
     for _ in range(repeats):
         cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
         if res.returncode != 0:
             return {"error": (res.stderr.strip().splitlines() or ["failed"])[-1]}
         runs.append(json.loads(res.stdout.strip().splitlines()[-1]))

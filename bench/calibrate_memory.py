@@ -68,7 +68,7 @@ def main() -> None:
         config, op, size = args.point
         print(json.dumps(measure_point(config, op, int(size), args.attention, args.batch)))
         return
-    print(f"| config | op | px | batch | measured MiB | estimate MiB | estimate / measured | without SAFETY |")
+    print("| config | op | px | batch | measured MiB | estimate MiB | estimate / measured | without SAFETY |")
     print("|---|---|---|---|---|---|---|---|")
     for config in args.configs:
         for op in args.ops:

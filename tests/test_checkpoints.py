@@ -328,7 +328,9 @@ def test_same_weights_in_every_container(tmp_path: Path, kl_models: dict[str, nn
     files = {
         "bare.safetensors": lambda p: safetensors.torch.save_file(original_sd, p),
         "prefixed.safetensors": lambda p: safetensors.torch.save_file({f"first_stage_model.{k}": v for k, v in original_sd.items()}, p),
-        "nested.ckpt": lambda p: torch.save({"state_dict": {f"first_stage_model.{k}": v for k, v in original_sd.items()}, "global_step": 3}, p),
+        "nested.ckpt": lambda p: torch.save(
+            {"state_dict": {f"first_stage_model.{k}": v for k, v in original_sd.items()}, "global_step": 3}, p
+        ),
         "bare.pt": lambda p: torch.save(original_sd, p),
         "diffusers.safetensors": lambda p: safetensors.torch.save_file(kl_models["sd-like"].state_dict(), p),
         "sniffed.weights": lambda p: safetensors.torch.save_file(original_sd, p),  # unknown extension

@@ -52,7 +52,7 @@ def _close(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and int(np.abs(a.astype(int) - b.astype(int)).max()) <= 1
 
 
-def _decode(runner, *args: str):  # noqa: ANN001, ANN202 - CliRunner types
+def _decode(runner, *args: str):
     return runner.invoke(app, ["decode", *args])
 
 

@@ -41,7 +41,7 @@ def _latent(path: Path) -> tuple[torch.Tensor, dict]:
     return item.latent, item.metadata
 
 
-def _encode(runner, *args: str, input: str | None = None):  # noqa: ANN001, ANN202 - CliRunner types
+def _encode(runner, *args: str, input: str | None = None):
     result = runner.invoke(app, ["encode", *args], input=input)
     return result
 
@@ -198,7 +198,7 @@ def test_a_failed_shard_reports_its_items_failed_and_resume_redoes_them(
     out, real = tmp_path / "shards", shards_module.atomic_write
     calls: list[str] = []
 
-    def full_disk(path: Path, write, **kw):  # noqa: ANN001, ANN003, ANN202 - the first shard hits a full disk
+    def full_disk(path: Path, write, **kw):
         calls.append(path.name)
         if calls.count("shard-00000.safetensors") == 1 and path.name == "shard-00000.safetensors":
             raise OSError(28, "No space left on device")
@@ -226,7 +226,8 @@ def test_manifest_skip_overwrite_and_json(runner, tree: Path, tmp_path: Path) ->
     assert (summary["total"], summary["done"], summary["skipped"], summary["failed"]) == (4, 4, 0, [])
     assert summary["family"] == "sd1" and summary["manifest"] == str(out / "manifest.jsonl")
     records = read_manifest(out / "manifest.jsonl")
-    assert {(r["source"], r["status"]) for r in records} == {(str(p), "written") for p in [tree / "a.png", tree / "b.png", tree / "sub/c.png", tree / "sub/deep/d.jpg"]}
+    sources = [tree / "a.png", tree / "b.png", tree / "sub/c.png", tree / "sub/deep/d.jpg"]
+    assert {(r["source"], r["status"]) for r in records} == {(str(p), "written") for p in sources}
     a = next(r for r in records if r["key"] == "a.png")
     assert a["output"] == str(out / "a.safetensors") and a["size"] == (out / "a.safetensors").stat().st_size and a["image_size"] == [24, 40]
 
@@ -259,7 +260,8 @@ def _bad_inputs(root: Path) -> dict[str, str]:
     (root / "full.jpg").unlink()
     (root / "cut.jpg").write_bytes(good_jpg[: len(good_jpg) // 2])
     ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
-    (root / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _png_chunk(b"IEND", b""))
+    chunks = _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _png_chunk(b"IEND", b"")
+    (root / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
     return {"empty.png": "empty", "text.png": "not an image", "truncated.png": "truncated", "cut.jpg": "truncated", "bomb.png": "bomb"}
 
 
@@ -336,7 +338,7 @@ def test_nan_in_half_precision_is_redone_in_fp32(tree: Path, tmp_path: Path) -> 
 
     vae = load_vae("tiny-f8", dtype=torch.bfloat16)
 
-    def moments(v):  # noqa: ANN001, ANN202 - a model whose half-precision output overflows
+    def moments(v):
         if v.dtype == torch.bfloat16:
             return lambda x: (torch.full((x.shape[0], 4, x.shape[2] // 8, x.shape[3] // 8), float("nan")),) * 2
         return v.moments
@@ -377,7 +379,8 @@ def test_killed_run_leaves_no_partial_file_and_resumes(tmp_path: Path) -> None:
     leftovers = {p.name for p in out.iterdir()} - done - {"manifest.jsonl"}
     assert all(name.startswith(".") and name.endswith(".tmp") for name in leftovers), leftovers
 
-    rerun = subprocess.run([*cmd, "--json", "--manifest", str(tmp_path / "rerun.jsonl")], env=_env(), capture_output=True, text=True, timeout=300)
+    rerun_cmd = [*cmd, "--json", "--manifest", str(tmp_path / "rerun.jsonl")]
+    rerun = subprocess.run(rerun_cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads(rerun.stdout)
     assert (summary["done"], summary["skipped"]) == (30 - len(done), len(done))

@@ -41,7 +41,7 @@ def images(tmp_path: Path) -> Path:
     return tmp_path / "in"
 
 
-def _roundtrip(runner, *args: str):  # noqa: ANN001, ANN202 - CliRunner types
+def _roundtrip(runner, *args: str):
     return runner.invoke(app, ["roundtrip", *args, *MODEL])
 
 

@@ -72,7 +72,7 @@ def test_frames_to_latents_to_frames(runner, tmp_path: Path) -> None:
     assert names == [f"frame_{i:05d}.png" for i in range(len(ORDER))]
     plan = plan_decode(vae, len(ORDER), 24, 32, chunk_frames=4, overlap=2, tile="off")
     expected = list(decode_video(vae, latents, plan, size=(24, 32)))
-    for name, want in zip(names, expected):
+    for name, want in zip(names, expected, strict=False):
         assert np.array_equal(np.asarray(Image.open(out / name)), want)
     assert _leftovers(tmp_path) == []
 
@@ -96,7 +96,7 @@ def test_odd_size_is_padded_and_cropped_back_tiled_or_not(runner, tmp_path: Path
     assert [Image.open(p).size for p in sorted((tmp_path / "out").iterdir())] == [(30, 21)] * 3
     result = _invoke(runner, "roundtrip", frames, "-o", tmp_path / "tiled", *MODEL, "--tile", "exact", "--tile-size", 16)
     assert result.exit_code == 0, result.stderr
-    for a, b in zip(sorted((tmp_path / "out").iterdir()), sorted((tmp_path / "tiled").iterdir())):
+    for a, b in zip(sorted((tmp_path / "out").iterdir()), sorted((tmp_path / "tiled").iterdir()), strict=False):
         diff = np.abs(np.asarray(Image.open(a), np.int16) - np.asarray(Image.open(b), np.int16))
         assert diff.max() <= 1  # exact tiling: equal up to float rounding
 
@@ -205,11 +205,11 @@ def _nan_when(monkeypatch: pytest.MonkeyPatch, bad: tuple[torch.dtype, ...]) -> 
 
     real_moments, real_decode = Vae.moments, Vae.decode
 
-    def moments(self, images):  # noqa: ANN001, ANN202
+    def moments(self, images):
         mean, logvar = real_moments(self, images)
         return (mean * float("nan"), logvar) if self.dtype in bad else (mean, logvar)
 
-    def decode(self, latents, **kw):  # noqa: ANN001, ANN003, ANN202
+    def decode(self, latents, **kw):
         out = real_decode(self, latents, **kw)
         return out * float("nan") if self.dtype in bad else out
 

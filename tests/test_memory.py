@@ -47,7 +47,12 @@ def test_parse_memory_rejects_bad_strings(text: str) -> None:
 
 @pytest.mark.parametrize(
     "size, text, up",
-    [(312 * MiB, "312 MiB", "312 MiB"), (int(1.53 * 2**30), "1.5 GiB", "1.6 GiB"), (300, "300 B", "300 B"), (312 * MiB + 1, "312 MiB", "313 MiB")],
+    [
+        (312 * MiB, "312 MiB", "312 MiB"),
+        (int(1.53 * 2**30), "1.5 GiB", "1.6 GiB"),
+        (300, "300 B", "300 B"),
+        (312 * MiB + 1, "312 MiB", "313 MiB"),
+    ],
 )
 def test_format_bytes(size: int, text: str, up: str) -> None:
     assert memory.format_bytes(size) == text

@@ -41,7 +41,8 @@ def test_golden_run_passes(runner: CliRunner, tmp_path: Path) -> None:
 def test_golden_run_fails_when_a_weight_is_perturbed(runner: CliRunner, tmp_path: Path) -> None:
     weights = safetensors.torch.load_file(str(WEIGHTS))
     w = weights["decoder.conv_out.weight"]
-    weights["decoder.conv_out.weight"] = w + 0.1 * w.float().std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)).to(w.dtype)
+    noise = torch.randn(w.shape, generator=torch.Generator().manual_seed(0)).to(w.dtype)
+    weights["decoder.conv_out.weight"] = w + 0.1 * w.float().std() * noise
     bad = tmp_path / "perturbed.safetensors"
     safetensors.torch.save_file(weights, str(bad))
     result = _roundtrip(runner, tmp_path / "out", "--checkpoint", str(bad))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -152,7 +153,7 @@ def test_windows_cover_and_ramps_sum_to_one(n: int, tile: int, overlap: int, ali
     wins = windows(n, tile, overlap, align)
     assert wins[0][0] == 0 and wins[-1][1] == n
     assert all(lo % align == 0 for lo, _ in wins)
-    assert all(b[0] < a[1] for a, b in zip(wins, wins[1:]))  # neighbours overlap
+    assert all(b[0] < a[1] for a, b in itertools.pairwise(wins))  # neighbours overlap
     total = torch.zeros(n)
     for i, (lo, hi) in enumerate(wins):
         left = 0 if i == 0 else wins[i - 1][1] - lo

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def test_chunk_spans_cover_every_frame(frames: int, chunk: int, overlap: int) ->
     assert spans[0].start == 0 and spans[-1].stop == frames
     assert all(1 <= len(s) <= chunk for s in spans)
     assert all(len(s) == chunk for s in spans[:-1])
-    for a, b in zip(spans, spans[1:]):
+    for a, b in itertools.pairwise(spans):
         assert a.stop - b.start == overlap  # consecutive chunks share exactly `overlap` frames
         assert b.stop > a.stop
 

@@ -97,7 +97,7 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
     _safetensors_header(path)
     try:
         return dict(safetensors.torch.load_file(str(path), device="cpu"))
-    except Exception as err:  # noqa: BLE001 - any safetensors failure is a corrupt file
+    except Exception as err:
         raise CheckpointError(f"corrupt safetensors file: {_first_line(err)}", path) from None
 
 
@@ -119,7 +119,7 @@ def _load_pickle(path: Path) -> Any:
         if detail := re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(err)):
             raise CheckpointError(f"unsafe or unsupported pickle, refusing to load it: {detail[1]}", path) from None
         raise CheckpointError(f"truncated or corrupt {what}: {_first_line(err)}", path) from None
-    except Exception as err:  # noqa: BLE001 - torch raises many types for bad archives
+    except Exception as err:
         raise CheckpointError(f"truncated or corrupt {what}: {_first_line(err)}", path) from None
 
 
@@ -134,10 +134,8 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
         if path.stat().st_size == 0:
             raise CheckpointError("empty file (0 bytes)", path)
         suffix = path.suffix.lower()
-        if suffix in SAFETENSORS_SUFFIXES or _looks_like_safetensors(path):  # renamed files too
-            obj = _load_safetensors(path)
-        else:
-            obj = _load_pickle(path)
+        is_safetensors = suffix in SAFETENSORS_SUFFIXES or _looks_like_safetensors(path)  # renamed files too
+        obj = _load_safetensors(path) if is_safetensors else _load_pickle(path)
     except OSError as err:
         raise CheckpointError(f"cannot read: {err.strerror or err}", path) from None
     if not isinstance(obj, dict):

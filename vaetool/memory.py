@@ -144,10 +144,7 @@ def plan(
     """Batch size and tile size (None: untiled) for an op within `max_memory` (default: free * margin)."""
     device = torch.device(device)
     arch = architecture(model_or_cfg)
-    if max_memory is None:
-        budget = int(free_memory(device) * margin) + _resident_weights(model_or_cfg, device)
-    else:
-        budget = parse_memory(max_memory)
+    budget = int(free_memory(device) * margin) + _resident_weights(model_or_cfg, device) if max_memory is None else parse_memory(max_memory)
     kw: dict[str, Any] = {"dtype": dtype, "device": device, "attention": attention}
 
     def untiled(b: int) -> int:

@@ -78,7 +78,7 @@ def _encoder_steps(enc: nn.Module, quant: nn.Module | None) -> list[Step]:
     steps.append(Step("head", c, enc.conv_out.out_channels, level))
     if quant is not None:
         steps.append(Step("conv", quant.in_channels, quant.out_channels, level))
-    return steps + [Step("copy", steps[-1].cout, steps[-1].cout, level)]
+    return [*steps, Step("copy", steps[-1].cout, steps[-1].cout, level)]
 
 
 def _decoder_steps(dec: nn.Module, post_quant: nn.Module | None, level: int) -> list[Step]:
@@ -95,7 +95,7 @@ def _decoder_steps(dec: nn.Module, post_quant: nn.Module | None, level: int) -> 
             steps.append(Step("up", block.out_channels, block.out_channels, level))
             level -= 1
     steps.append(Step("head", dec.conv_out.in_channels, dec.conv_out.out_channels, level))
-    return steps + [Step("copy", dec.conv_out.out_channels, dec.conv_out.out_channels, level)]
+    return [*steps, Step("copy", dec.conv_out.out_channels, dec.conv_out.out_channels, level)]
 
 
 def _build_meta(cfg: dict[str, Any]) -> nn.Module:

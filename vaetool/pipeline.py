@@ -197,7 +197,9 @@ class _Run(Generic[J]):
         out = self.stages.compute(batch, jobs).cpu()  # [B, ...]
         if self.stages.fallback is not None and non_finite_rows(out):
             if not self.noticed and self.options.on_notice is not None:
-                self.options.on_notice("NaN/inf in a half-precision batch: redoing it in fp32 (and any later such batch; counted as fp32_retries)")
+                self.options.on_notice(
+                    "NaN/inf in a half-precision batch: redoing it in fp32 (and any later such batch; counted as fp32_retries)"
+                )
             self.noticed = True
             self.summary.fp32_retries += 1
             out = self.stages.fallback(batch, jobs).cpu()

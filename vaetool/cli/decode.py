@@ -52,8 +52,17 @@ from vaetool.errors import InputError, OutputError, VaeToolError
 from vaetool.families import LatentFormat, get_family
 from vaetool.io.latents import LatentItem
 from vaetool.pipeline import (
-    DEFAULT_BATCH_SIZE, HALF_DTYPES, MAX_AUTO_BATCH, EngineOptions, Job, Loaded, Stages, Summary, fp32_copy,
-    memory_plan, run_pipeline,
+    DEFAULT_BATCH_SIZE,
+    HALF_DTYPES,
+    MAX_AUTO_BATCH,
+    EngineOptions,
+    Job,
+    Loaded,
+    Stages,
+    Summary,
+    fp32_copy,
+    memory_plan,
+    run_pipeline,
 )
 
 if TYPE_CHECKING:

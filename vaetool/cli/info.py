@@ -80,7 +80,7 @@ def command(
     from vaetool.errors import CheckpointError
 
     candidate = Path(path)
-    is_config = candidate.suffix.lower() in CONFIG_SUFFIXES or not candidate.exists() and not candidate.suffix
+    is_config = candidate.suffix.lower() in CONFIG_SUFFIXES or (not candidate.exists() and not candidate.suffix)
     if is_config:
         summary = describe_config(str(find_config_file(path)))
     elif candidate.exists():

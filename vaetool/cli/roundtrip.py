@@ -53,7 +53,16 @@ from vaetool.cli.options import (
 from vaetool.golden import NO_THRESHOLDS, GoldenResult, Status, Thresholds
 from vaetool.metrics import ImageMetrics
 from vaetool.pipeline import (
-    HALF_DTYPES, EngineOptions, Event, Job, Loaded, Stages, Summary, encoder_moments, fp32_copy, run_pipeline,
+    HALF_DTYPES,
+    EngineOptions,
+    Event,
+    Job,
+    Loaded,
+    Stages,
+    Summary,
+    encoder_moments,
+    fp32_copy,
+    run_pipeline,
 )
 from vaetool.report import Case
 
@@ -338,7 +347,7 @@ def command(
         raise usage_error("--update-golden needs --golden DIR")
     limits = Thresholds() if golden is not None else NO_THRESHOLDS
     limits = Thresholds(*(given if given is not None else default for given, default in
-                          zip((min_psnr, min_ssim, max_diff), (limits.min_psnr, limits.min_ssim, limits.max_diff))))
+                          zip((min_psnr, min_ssim, max_diff), (limits.min_psnr, limits.min_ssim, limits.max_diff), strict=False)))
     settings = RoundtripSettings(output, golden, update_golden, limits)
     files = collect_inputs(inputs or [], recursive=recursive, files_from=files_from)
     opts = ModelOptions(config, checkpoint, model, family, ema, device, dtype, attention)

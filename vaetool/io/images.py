@@ -148,7 +148,7 @@ def _orientation(exif: Image.Exif | bytes | None) -> int:
             tags.load(exif)
             exif = tags
         return 1 if exif is None else int(exif.get(ORIENTATION_TAG, 1))
-    except Exception:  # noqa: BLE001 - a broken EXIF block only loses the orientation
+    except Exception:
         return 1
 
 

@@ -171,7 +171,7 @@ def read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
     try:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in keys}
-    except Exception as err:  # noqa: BLE001 - any safetensors failure is a corrupt file
+    except Exception as err:
         raise InputError(f"corrupt safetensors file: {str(err).splitlines()[0] if str(err) else err!r}", path) from None
 
 
@@ -217,7 +217,7 @@ def _load_npz(path: Path) -> list[LatentItem]:
             return _items(path, path.stem, validate_latent(array, path, f"array {key!r}"), {"source_format": "npz"})
         raise InputError(f"no latent array inside (arrays: {_listing(arrays)})", path)
     items = []
-    for key, m in found:
+    for key, _ in found:
         suffix = key[len("latents"):]
         meta: dict[str, Any] = {"source_format": "sd-scripts", "scaled": False}
         for extra in ("original_size", "crop_ltrb"):  # original_size is (width, height) before resizing
@@ -250,7 +250,7 @@ def _load_pickle(path: Path) -> list[LatentItem]:
             raise InputError(f"unsafe pickle: it would import {m[1]}; refusing to load it (only tensors and "
                              "plain containers are read)", path) from None
         raise InputError("unsafe or corrupt pickle, refusing to load it", path) from None
-    except Exception as err:  # noqa: BLE001 - torch raises many types for bad archives
+    except Exception as err:
         raise InputError(f"truncated or corrupt torch file: {str(err).splitlines()[0] if str(err) else err!r}", path) from None
     info: dict[str, Any] = {"source_format": "torch"}
     if isinstance(obj, dict):

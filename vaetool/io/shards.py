@@ -10,6 +10,7 @@ a shard whose index update was lost to a kill.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -22,7 +23,12 @@ import torch
 from vaetool.errors import InputError, OutputError, OutputExistsError
 from vaetool.io.atomic import atomic_write
 from vaetool.io.latents import (
-    FORMAT_VERSION, SHARD_FORMAT, LatentItem, read_safetensors_header, read_tensors, validate_latent,
+    FORMAT_VERSION,
+    SHARD_FORMAT,
+    LatentItem,
+    read_safetensors_header,
+    read_tensors,
+    validate_latent,
 )
 
 __all__ = [
@@ -216,10 +222,9 @@ class ShardWriter:
         if kind is None:
             self.close()
             return
-        try:  # the queued items are complete: keep them even when the run fails
+        # the queued items are complete: keep them even when the run fails (the run's own error propagates)
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:  # noqa: BLE001 - the original error is the one to report
-            pass
 
 
 def _ours(shard: str, prefix: str) -> bool:

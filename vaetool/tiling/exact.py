@@ -12,6 +12,7 @@ The result equals the untiled forward up to float rounding (max abs diff ~1e-6 i
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,7 +90,7 @@ class Banded:
     def whole(t: torch.Tensor, band: int, storage: torch.device, stats: bool) -> Banded:
         """Store an existing tensor [N, C, H, W] in bands of `band` rows."""
         b = Banded(t.shape[2], t.shape[3], _edges(t.shape[2], band))
-        b.bands = [t[:, :, lo:hi].to(storage) for lo, hi in zip(b.edges[:-1], b.edges[1:])]
+        b.bands = [t[:, :, lo:hi].to(storage) for lo, hi in zip(b.edges[:-1], b.edges[1:], strict=False)]
         if stats:
             b.stats = Stats.of(t)
         return b
@@ -97,7 +98,7 @@ class Banded:
     def region(self, r0: int, r1: int, c0: int, c1: int, device: torch.device) -> torch.Tensor:
         """Rows [r0, r1) x columns [c0, c1) (inside the tensor) on `device`."""
         parts = []
-        for i, (lo, hi) in enumerate(zip(self.edges[:-1], self.edges[1:])):
+        for i, (lo, hi) in enumerate(zip(self.edges[:-1], self.edges[1:], strict=False)):
             if hi <= r0 or lo >= r1:
                 continue
             band = self.bands[i]
@@ -118,7 +119,7 @@ class Banded:
 
 
 def _edges(n: int, step: int) -> list[int]:
-    return list(range(0, n, max(step, 1))) + [n]
+    return [*list(range(0, n, max(step, 1))), n]
 
 
 def _window_input(
@@ -255,10 +256,10 @@ def _run_window(
             _window_input(slots, op.src, side.in_range(*rows, 0), side.in_range(*cols, 1), False, None, device)
         )
     row_edges = _edges(h_out, step)
-    for a, b in zip(row_edges[:-1], row_edges[1:]):
+    for a, b in itertools.pairwise(row_edges):
         for name, fn in tile_fns.items():
             out, row_tiles = outs[name], []
-            for c, d in zip(col_edges[:-1], col_edges[1:]):
+            for c, d in itertools.pairwise(col_edges):
                 y = fn((a, b), (c, d))
                 if name in want:
                     out.stats = accumulate(out.stats, y)

@@ -168,7 +168,7 @@ def conv_window(m: nn.Conv2d) -> Window:
     """A Conv2d (any kernel, stride, dilation, groups; zero padding) as a Window."""
     if m.padding_mode != "zeros" or isinstance(m.padding, str):
         raise TilingUnsupported(f"conv with padding {m.padding!r} / mode {m.padding_mode!r} cannot be tiled")
-    kernel = tuple(d * (k - 1) + 1 for k, d in zip(m.kernel_size, m.dilation))
+    kernel = tuple(d * (k - 1) + 1 for k, d in zip(m.kernel_size, m.dilation, strict=False))
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
@@ -180,7 +180,7 @@ def conv3d_window(m: nn.Conv3d, frames: int) -> Window:
     """A Conv3d over [B, C, T, H, W] applied to frames flattened in the batch, [B*T, C, H, W]."""
     if m.stride[0] != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
         raise TilingUnsupported("a temporal conv with a time stride or non-zero padding cannot be tiled")
-    kernel = tuple(d * (k - 1) + 1 for k, d in zip(m.kernel_size[1:], m.dilation[1:]))
+    kernel = tuple(d * (k - 1) + 1 for k, d in zip(m.kernel_size[1:], m.dilation[1:], strict=False))
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         v = rearrange(x, "(b t) c h w -> b c t h w", t=frames)

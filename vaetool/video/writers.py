@@ -8,6 +8,7 @@ output. An existing output is refused before any work unless `overwrite`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -184,10 +185,8 @@ class AvWriter:
     def abort(self) -> None:
         """Close and delete the temp file."""
         if self.container is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self.container.close()
-            except Exception:  # noqa: BLE001 - already failing; the temp file goes either way
-                pass
             self.container = None
         self.tmp.unlink(missing_ok=True)
 
