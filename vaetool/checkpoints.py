@@ -10,21 +10,17 @@ No model is built here.
 from __future__ import annotations
 
 import hashlib
-import json
-import pickle
 import re
-import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import safetensors.torch
 import torch
 
 from vaetool.errors import CheckpointError
 from vaetool.families import guess_families
+from vaetool.io.safe import load_weights_only, looks_like_safetensors, read_safetensors, safetensors_header
 from vaetool.keymaps import detect_layout, to_original
 
 __all__ = [
@@ -47,80 +43,11 @@ TIME_MODES: dict[tuple[bool, bool, bool], str] = {
     (False, True, False): "attn-only",
     (False, False, True): "only-last-conv",
 }
-# harmless globals a weights_only pickle may need (numpy scalars in Lightning callback state)
-_np_core = getattr(np, "_core", None) or np.core
-_SAFE_GLOBALS: list[Any] = [_np_core.multiarray.scalar, np.dtype] + [
-    type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool")
-]
-
-
-def _first_line(err: BaseException, limit: int = 120) -> str:
-    """The first sentence of an exception message, on one line (with the type when the text says little)."""
-    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "").split(". ")[0]
-    return (text if len(text) > 12 else f"{type(err).__name__} {text}".strip())[:limit]
-
-
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    """Parse and sanity-check a safetensors header; CheckpointError if empty, truncated or corrupt."""
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError("empty file (0 bytes)", path)
-    with path.open("rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 0 or n > size - 8:
-            raise CheckpointError(f"truncated or corrupt safetensors file: header needs {n} bytes, file has {size}", path)
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-        raise CheckpointError("corrupt safetensors file: unreadable header", path) from None
-    if 8 + n + end > size:
-        raise CheckpointError(f"truncated safetensors file: {size} bytes, header describes {8 + n + end}", path)
-    return header
-
-
-def _looks_like_safetensors(path: Path) -> bool:
-    with path.open("rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
 def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
     """The `__metadata__` strings of a safetensors file ({} when it has none)."""
-    meta = _safetensors_header(Path(path)).get("__metadata__") or {}
-    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
-
-
-def _load_safetensors(path: Path) -> dict[str, Any]:
-    _safetensors_header(path)
-    try:
-        return dict(safetensors.torch.load_file(str(path), device="cpu"))
-    except Exception as err:
-        raise CheckpointError(f"corrupt safetensors file: {_first_line(err)}", path) from None
-
-
-UNSAFE_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL (\S+)", re.IGNORECASE)  # torch's wordings vary by version
-
-
-def _load_pickle(path: Path) -> Any:
-    what = "checkpoint" if path.suffix.lower() in PICKLE_SUFFIXES else "file (neither safetensors nor a torch pickle?)"
-    try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about pickle protocols before failing or not
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if m := UNSAFE_GLOBAL.search(str(err)):
-            raise CheckpointError(
-                f"unsafe pickle: it would import {m[1]}; refusing to load it (only tensors and plain "
-                "containers are read; convert it to .safetensors with a tool you trust)", path
-            ) from None
-        if detail := re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(err)):
-            raise CheckpointError(f"unsafe or unsupported pickle, refusing to load it: {detail[1]}", path) from None
-        raise CheckpointError(f"truncated or corrupt {what}: {_first_line(err)}", path) from None
-    except Exception as err:
-        raise CheckpointError(f"truncated or corrupt {what}: {_first_line(err)}", path) from None
+    return safetensors_header(Path(path), CheckpointError)[1]
 
 
 def read_state_dict(path: str | Path) -> dict[str, Any]:
@@ -134,8 +61,10 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
         if path.stat().st_size == 0:
             raise CheckpointError("empty file (0 bytes)", path)
         suffix = path.suffix.lower()
-        is_safetensors = suffix in SAFETENSORS_SUFFIXES or _looks_like_safetensors(path)  # renamed files too
-        obj = _load_safetensors(path) if is_safetensors else _load_pickle(path)
+        if suffix in SAFETENSORS_SUFFIXES or looks_like_safetensors(path):  # renamed files too
+            obj: Any = read_safetensors(path, CheckpointError)
+        else:
+            obj = load_weights_only(path, CheckpointError, "checkpoint")
     except OSError as err:
         raise CheckpointError(f"cannot read: {err.strerror or err}", path) from None
     if not isinstance(obj, dict):
@@ -381,7 +310,7 @@ def load_checkpoint(path: str | Path, *, ema: bool = False) -> LoadedCheckpoint:
         layout = detect_layout(found.state_dict)
         sd = to_original(found.state_dict)
         config = config_from_state_dict(sd)
-        metadata = read_safetensors_metadata(path) if _looks_like_safetensors(path) else {}
+        metadata = read_safetensors_metadata(path) if looks_like_safetensors(path) else {}
         _set_norm_groups(config, metadata.get("norm_groups"))
     except CheckpointError as err:
         if err.path is None:

@@ -36,3 +36,9 @@ class OutputExistsError(OutputError, FileExistsError):
 
 class MemoryBudgetError(VaeToolError):
     """A memory budget too small for even the smallest tile of the operation."""
+
+
+def first_line(err: BaseException, limit: int = 160) -> str:
+    """The first sentence of an exception's message on one line, with its type when the text says little."""
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "").split(". ")[0]
+    return (text if len(text) > 12 else f"{type(err).__name__} {text}".strip())[:limit]

@@ -16,15 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from torch import nn
 
+from vaetool.devices import FREE_MEMORY, free_memory
 from vaetool.errors import MemoryBudgetError
 from vaetool.memory_estimate import Mode, Op, architecture, estimate_peak, estimate_tile_peak
 
 __all__ = [
-    "Plan", "architecture", "estimate_peak", "estimate_tile_peak", "format_bytes", "free_memory",
+    "FREE_MEMORY", "Plan", "architecture", "estimate_peak", "estimate_tile_peak", "format_bytes", "free_memory",
     "measure_peak", "parse_memory", "plan",
 ]  # fmt: skip
 
@@ -42,30 +42,6 @@ _MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECA
 
 
 # ---------------------------------------------------------------- free memory and sizes
-
-
-def _free_cuda(device: torch.device) -> int:
-    free, _total = torch.cuda.mem_get_info(device)
-    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-
-
-def _free_mps(device: torch.device) -> int:
-    return int(torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory())
-
-
-def _free_cpu(device: torch.device) -> int:
-    return int(psutil.virtual_memory().available)
-
-
-FREE_MEMORY: dict[str, Callable[[torch.device], int]] = {"cuda": _free_cuda, "mps": _free_mps, "cpu": _free_cpu}
-
-
-def free_memory(device: str | torch.device = "cpu") -> int:
-    """Bytes free on `device` (CUDA: driver free + torch's cached blocks; MPS: recommended - allocated; CPU: available)."""
-    device = torch.device(device)
-    if device.type not in FREE_MEMORY:
-        raise ValueError(f"cannot tell the free memory of device type {device.type!r}; known: {', '.join(FREE_MEMORY)}")
-    return FREE_MEMORY[device.type](device)
 
 
 def parse_memory(text: str | int) -> int:

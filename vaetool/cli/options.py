@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -165,51 +165,18 @@ class ComputeOptions:
     batch_size: int | None = None
 
 
-_DTYPES: dict[Dtype, str] = {Dtype.fp32: "float32", Dtype.fp16: "float16", Dtype.bf16: "bfloat16"}
-_AUTO_DTYPES: dict[str, str] = {"cpu": "float32", "cuda": "float16", "mps": "float16"}
-
-
-def _mps_available() -> bool:
-    import torch
-
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-# device name -> is it usable here; --device auto takes the first usable one in this order
-_AVAILABLE: dict[str, Callable[[], bool]] = {"cuda": _cuda_available, "mps": _mps_available, "cpu": lambda: True}
-
-
 def resolve_device(device: Device | str) -> torch.device:
-    """The torch device for --device (auto: cuda, then mps, then cpu; the local rank's GPU under torchrun)."""
-    import os
+    """The torch device for --device (see vaetool.devices.resolve_device)."""
+    from vaetool.devices import resolve_device as resolve
 
-    import torch
-
-    from vaetool.errors import ConfigError
-
-    name = Device(device).value
-    if name == "auto":
-        name = next(n for n, usable in _AVAILABLE.items() if usable())
-    elif not _AVAILABLE[name]():
-        raise ConfigError(f"--device {name} is not available on this machine")
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
-    return torch.device(name)
+    return resolve(Device(device).value)
 
 
 def resolve_dtype(dtype: Dtype | str, device: torch.device) -> torch.dtype:
-    """The torch dtype for --dtype on `device` (auto: fp32 on CPU, fp16 on accelerators)."""
-    import torch
+    """The torch dtype for --dtype on `device` (see vaetool.devices.resolve_dtype)."""
+    from vaetool.devices import resolve_dtype as resolve
 
-    choice = Dtype(dtype)
-    name = _AUTO_DTYPES.get(device.type, "float32") if choice is Dtype.auto else _DTYPES[choice]
-    return getattr(torch, name)
+    return resolve(Dtype(dtype).value, device)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from vaetool.errors import InputError
+from vaetool.errors import InputError, first_line
 from vaetool.io import png16
 from vaetool.io.atomic import atomic_write
 
@@ -76,9 +76,6 @@ MODE_DECODERS: dict[str, Callable[[Image.Image], np.ndarray]] = {
 }
 
 
-def _first_line(err: BaseException) -> str:
-    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-    return text or type(err).__name__
 
 
 def _open(path: Path, max_pixels: int) -> Image.Image:
@@ -97,7 +94,7 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         raise InputError("not an image, or not a PNG, JPEG, WebP, BMP or TIFF file", path) from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise InputError(f"corrupt image header: {_first_line(err)}", path) from None
+        raise InputError(f"corrupt image header: {first_line(err)}", path) from None
     w, h = im.size
     if w * h > max_pixels:
         im.close()
@@ -137,7 +134,7 @@ def _decode_pillow(im: Image.Image, path: Path) -> np.ndarray:
     except InputError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise InputError(f"truncated or corrupt {im.format} image: {_first_line(err)}", path) from None
+        raise InputError(f"truncated or corrupt {im.format} image: {first_line(err)}", path) from None
 
 
 def _orientation(exif: Image.Exif | bytes | None) -> int:
@@ -237,7 +234,7 @@ def read_png_text(path: str | Path) -> dict[str, str]:
             im.load()  # text chunks after the image data are read here
             return {str(k): str(v) for k, v in getattr(im, "text", {}).items()}
     except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise InputError(f"cannot read PNG text: {_first_line(err)}", path) from None
+        raise InputError(f"cannot read PNG text: {first_line(err)}", path) from None
 
 
 def pad_to_multiple(

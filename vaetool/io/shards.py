@@ -22,14 +22,8 @@ import torch
 
 from vaetool.errors import InputError, OutputError, OutputExistsError
 from vaetool.io.atomic import atomic_write
-from vaetool.io.latents import (
-    FORMAT_VERSION,
-    SHARD_FORMAT,
-    LatentItem,
-    read_safetensors_header,
-    read_tensors,
-    validate_latent,
-)
+from vaetool.io.latent_item import FORMAT_VERSION, SHARD_FORMAT, LatentItem, validate_latent
+from vaetool.io.safe import read_safetensors, safetensors_header
 
 __all__ = [
     "INDEX_FORMAT", "ShardWriteError", "ShardWriter", "load_shard", "load_shard_dir", "merge_shard_indexes", "rank_index_name",
@@ -45,7 +39,7 @@ class ShardWriteError(OutputError):
 
 def shard_keys(path: Path) -> dict[str, list[int]]:
     """{key: shape} of one shard file, from its header only."""
-    header, meta = read_safetensors_header(path)
+    header, meta = safetensors_header(path, InputError)
     if meta.get("format") != SHARD_FORMAT:
         raise InputError("not a vaetool shard (no format: vaetool.shard in its metadata)", path)
     return {k: list(v["shape"]) for k, v in header.items()}
@@ -55,12 +49,12 @@ def load_shard(path: str | Path) -> list[LatentItem]:
     """Every item of one shard file, in key order, with its metadata."""
     path = Path(path)
     shapes = shard_keys(path)
-    _, meta = read_safetensors_header(path)
+    _, meta = safetensors_header(path, InputError)
     try:
         items_meta = json.loads(meta.get("items", "{}"))
     except ValueError:
         raise InputError("corrupt shard metadata (items is not JSON)", path) from None
-    tensors = read_tensors(path, list(shapes))
+    tensors = read_safetensors(path, InputError, list(shapes))
     out = []
     for key in sorted(shapes):
         latent = validate_latent(tensors[key], path, f"item {key!r}")  # [1, C, h, w]
@@ -118,7 +112,7 @@ def load_shard_dir(directory: str | Path) -> list[LatentItem]:
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError("no such folder", directory)
-    shards = [p for p in _shard_files(directory) if read_safetensors_header(p)[1].get("format") == SHARD_FORMAT]
+    shards = [p for p in _shard_files(directory) if safetensors_header(p, InputError)[1].get("format") == SHARD_FORMAT]
     if not shards:
         raise InputError("no vaetool shard files in this folder", directory)
     return [item for shard in shards for item in load_shard(shard)]

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from vaetool.devices import free_memory
+
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 SPLIT_FRACTION = 0.5  # a split slice may use at most this share of the free memory
@@ -189,8 +191,6 @@ _limit: contextvars.ContextVar[int | None] = contextvars.ContextVar("vaetool_att
 
 def available_memory(device: torch.device) -> int:
     """Free bytes on `device`, capped by the active `limit_attention_memory` block."""
-    from vaetool.memory import free_memory  # late: vaetool.memory imports this module
-
     free = free_memory(device)
     cap = _limit.get()
     return free if cap is None else min(free, cap)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from vaetool.errors import InputError, VaeToolError
+from vaetool.errors import InputError, VaeToolError, first_line
 from vaetool.io.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, load_image
 
 __all__ = [
@@ -82,8 +82,6 @@ def _to_tensor(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float() / 127.5 - 1.0
 
 
-def _first_line(err: BaseException) -> str:
-    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 # ---------------------------------------------------------------- folders
@@ -110,7 +108,7 @@ def _open_animated(path: Path, max_pixels: int) -> Image.Image:
     except (UnidentifiedImageError, Image.DecompressionBombError):
         raise InputError("not a readable GIF, WebP or PNG image", path) from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise InputError(f"corrupt image header: {_first_line(err)}", path) from None
+        raise InputError(f"corrupt image header: {first_line(err)}", path) from None
     w, h = im.size
     if w * h > max_pixels or w == 0 or h == 0:
         im.close()
@@ -129,7 +127,7 @@ def _animated(path: Path, max_pixels: int) -> tuple[VideoInfo, Iterator[Frame]]:
         im.seek(0)
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         im.close()
-        raise InputError(f"truncated or corrupt animation: {_first_line(err)}", path) from None
+        raise InputError(f"truncated or corrupt animation: {first_line(err)}", path) from None
     timed = [d for d in durations if d > 0]
     fps = 1000.0 / (sum(timed) / len(timed)) if timed else DEFAULT_FPS
 
@@ -140,7 +138,7 @@ def _animated(path: Path, max_pixels: int) -> tuple[VideoInfo, Iterator[Frame]]:
                     im.seek(i)
                     rgb = np.asarray(im.convert("RGB"), np.uint8)  # [H, W, 3]; composited by Pillow
                 except (OSError, SyntaxError, ValueError, EOFError) as err:
-                    raise InputError(f"frame {i}: truncated or corrupt data: {_first_line(err)}", path) from None
+                    raise InputError(f"frame {i}: truncated or corrupt data: {first_line(err)}", path) from None
                 yield Frame(f"frame {i}", _to_tensor(rgb))
 
     return VideoInfo(path, "animated", fps, n), frames()
@@ -154,7 +152,7 @@ def _video(path: Path, max_pixels: int) -> tuple[VideoInfo, Iterator[Frame]]:
     try:
         container = av.open(str(path))
     except av.error.FFmpegError as err:
-        raise InputError(f"not a readable video file: {_first_line(err)}", path) from None
+        raise InputError(f"not a readable video file: {first_line(err)}", path) from None
     if not container.streams.video:
         container.close()
         raise InputError("has no video stream", path)
@@ -173,7 +171,7 @@ def _video(path: Path, max_pixels: int) -> tuple[VideoInfo, Iterator[Frame]]:
                     yield Frame(f"frame {i}", _to_tensor(frame.to_ndarray(format="rgb24")))  # [3, H, W]
                     i += 1
             except av.error.FFmpegError as err:
-                raise InputError(f"frame {i}: corrupt video data: {_first_line(err)}", path) from None
+                raise InputError(f"frame {i}: corrupt video data: {first_line(err)}", path) from None
         if i == 0:
             raise InputError("the video has no frames", path)
 

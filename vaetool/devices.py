@@ -1,0 +1,75 @@
+"""Devices: which one to run on, in which dtype, and how much memory it has free.
+
+A leaf module (torch and psutil only), so that the attention backends, the memory planner and the
+commands can all ask it without importing each other.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import psutil
+import torch
+
+from vaetool.errors import ConfigError
+
+__all__ = ["AUTO_DTYPES", "DEVICE_NAMES", "DTYPE_NAMES", "FREE_MEMORY", "free_memory", "resolve_device", "resolve_dtype"]
+
+DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
+DTYPE_NAMES: dict[str, torch.dtype | None] = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+AUTO_DTYPES: dict[str, torch.dtype] = {"cpu": torch.float32, "cuda": torch.float16, "mps": torch.float16}
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+# device name -> is it usable here; `auto` takes the first usable one in this order
+AVAILABLE: dict[str, Callable[[], bool]] = {"cuda": torch.cuda.is_available, "mps": _mps_available, "cpu": lambda: True}
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for a device name (auto: cuda, then mps, then cpu; the local rank's GPU under torchrun)."""
+    name = str(name).lower()
+    if name not in DEVICE_NAMES:
+        raise ConfigError(f"unknown device {name!r}; choose one of {', '.join(DEVICE_NAMES)}")
+    if name == "auto":
+        name = next(n for n, usable in AVAILABLE.items() if usable())
+    elif not AVAILABLE[name]():
+        raise ConfigError(f"--device {name} is not available on this machine")
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The torch dtype for a dtype name on `device` (auto: fp32 on CPU, fp16 on accelerators)."""
+    name = str(name).lower()
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[name] or AUTO_DTYPES.get(device.type, torch.float32)
+
+
+def _free_cuda(device: torch.device) -> int:
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def _free_mps(device: torch.device) -> int:
+    return int(torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory())
+
+
+def _free_cpu(device: torch.device) -> int:
+    return int(psutil.virtual_memory().available)
+
+
+FREE_MEMORY: dict[str, Callable[[torch.device], int]] = {"cuda": _free_cuda, "mps": _free_mps, "cpu": _free_cpu}
+
+
+def free_memory(device: str | torch.device = "cpu") -> int:
+    """Bytes free on `device` (CUDA: driver free + torch's cached blocks; MPS: recommended - allocated; CPU: available)."""
+    device = torch.device(device)
+    if device.type not in FREE_MEMORY:
+        raise ValueError(f"cannot tell the free memory of device type {device.type!r}; known: {', '.join(FREE_MEMORY)}")
+    return FREE_MEMORY[device.type](device)

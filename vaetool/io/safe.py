@@ -1,0 +1,120 @@
+"""Reading untrusted weight and latent files safely: safetensors headers checked before any tensor
+is read, and pickles only through `torch.load(weights_only=True)`.
+
+One reader for checkpoints and latent files alike; the caller passes the error class its users
+see (CheckpointError or InputError), so every failure is one line naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+import torch
+
+from vaetool.errors import VaeToolError, first_line
+
+__all__ = [
+    "MAX_HEADER_BYTES", "UNSAFE_GLOBAL", "load_weights_only", "looks_like_safetensors",
+    "read_safetensors", "safetensors_header",
+]  # fmt: skip
+
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit on the JSON header
+UNSAFE_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL (\S+)", re.IGNORECASE)  # torch's wordings vary by version
+TORCH_MAGIC = b"PK\x03\x04"  # torch.save's zip container
+PICKLE_PROTOCOL = b"\x80"  # a pickle of protocol 2 or later (torch's legacy format)
+_np_core = getattr(np, "_core", None) or np.core
+# harmless globals a weights_only pickle may need (numpy scalars in Lightning callback state)
+SAFE_GLOBALS: list[Any] = [_np_core.multiarray.scalar, np.dtype] + [
+    type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool")
+]
+
+
+
+
+def looks_like_safetensors(path: Path) -> bool:
+    """Whether the file starts like a safetensors file (a plausible header length, then '{')."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _entry_end(name: str, entry: Any) -> int:
+    """The end offset of one tensor entry; ValueError when the entry is malformed."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+        raise ValueError(f"tensor {name!r} has no dtype")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f"tensor {name!r} has a bad shape")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)):
+        raise ValueError(f"tensor {name!r} has bad data offsets")
+    if offsets[1] < offsets[0]:
+        raise ValueError(f"tensor {name!r} ends before it starts")
+    return offsets[1]
+
+
+def safetensors_header(path: Path, error: type[VaeToolError]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(tensor entries, __metadata__ strings) of a safetensors file, every entry checked against the file size."""
+    size = path.stat().st_size
+    if size == 0:
+        raise error("empty file (0 bytes)", path)
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or n > size - 8:
+            raise error(f"truncated or corrupt safetensors file: its header needs {n} bytes, the file has {size}", path)
+        if n > MAX_HEADER_BYTES:
+            raise error(f"corrupt safetensors file: a {n}-byte header is over the {MAX_HEADER_BYTES}-byte limit", path)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ValueError("__metadata__ is not a mapping of strings")
+        end = max((_entry_end(k, v) for k, v in header.items()), default=0)
+    except (ValueError, TypeError, RecursionError) as err:
+        raise error(f"corrupt safetensors file: unreadable header ({first_line(err, 80)})", path) from None
+    if 8 + n + end > size:
+        raise error(f"truncated safetensors file: {size} bytes, its header describes {8 + n + end}", path)
+    return header, {str(k): v for k, v in meta.items()}
+
+
+def read_safetensors(path: Path, error: type[VaeToolError], keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The named tensors (all when `keys` is None) of a safetensors file whose header checks out."""
+    header, _ = safetensors_header(path, error)
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in (list(header) if keys is None else keys)}
+    except Exception as err:
+        raise error(f"corrupt safetensors file: {first_line(err)}", path) from None
+
+
+def load_weights_only(path: Path, error: type[VaeToolError], what: str = "torch file") -> Any:
+    """torch.load(weights_only=True): tensors and plain containers only; a pickle that would import code is refused."""
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(TORCH_MAGIC) or magic[:1] == PICKLE_PROTOCOL):
+        raise error(f"not a {what}: neither safetensors nor a torch zip or pickle file", path)
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before failing or not
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if m := UNSAFE_GLOBAL.search(str(err)):
+            raise error(
+                f"unsafe pickle: it would import {m[1]}; refusing to load it (only tensors and plain "
+                "containers are read; convert it to .safetensors with a tool you trust)", path
+            ) from None
+        if detail := re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(err)):
+            raise error(f"unsafe or unsupported pickle, refusing to load it: {detail[1]}", path) from None
+        raise error(f"truncated or corrupt {what}: {first_line(err)}", path) from None
+    except Exception as err:
+        raise error(f"truncated or corrupt {what}: {first_line(err)}", path) from None
