@@ -26,8 +26,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vaetool.cli import app
-from vaetool.cli.options import Device, Dtype, ModelOptions, load_model
 from vaetool.io.images import load_image, pad_to_multiple
+from vaetool.jobs import ModelSpec, load_model
 from vaetool.pipeline import EngineOptions, Job, Loaded, Stages, run_pipeline
 
 SIZES = [(256, 256), (256, 320), (320, 256), (250, 250), (192, 288), (288, 192)]  # (w, h); 250 pads to 256
@@ -64,7 +64,7 @@ def engine_batches(tensors: dict[str, torch.Tensor], batch_size: int, workers: i
 
 def model_seconds(model: str, device: str, dtype: str, paths: list[Path], batch_size: int, workers: int) -> float:
     """Wall time of Vae.moments over the command's batches, image tensors preloaded on the device."""
-    vae = load_model(ModelOptions(model=model, device=Device(device), dtype=Dtype(dtype)))
+    vae = load_model(ModelSpec(model=model, device=device, dtype=dtype))
     tensors = {path.name: pad_to_multiple(load_image(path), vae.downscale)[0] for path in paths}  # [3, H, W] each
     batches = [torch.stack([tensors[k] for k in keys]).to(vae.device, vae.dtype)  # [B, 3, H, W]
                for keys in engine_batches(tensors, batch_size, workers)]

@@ -19,11 +19,13 @@ from PIL import Image
 
 from vaetool.api import load_vae
 from vaetool.cli import app
+from vaetool.errors import MemoryBudgetError
 from vaetool.io.images import load_image, pad_to_multiple
 from vaetool.io.latents import load_latents
 from vaetool.io.manifest import read_manifest
 from vaetool.io.shards import load_shard_dir, read_index
-from vaetool.pipeline import EngineOptions, Job, Loaded, Stages, fp32_copy, run_pipeline
+from vaetool.pipeline import EngineOptions, Job, Loaded, Stages, run_pipeline
+from vaetool.precision import Fp32Fallback, fp32_copy
 
 MODEL = ["--model", "tiny-f8", "--quiet"]
 REPO = Path(__file__).resolve().parent.parent
@@ -304,47 +306,77 @@ def test_unwritable_output_dir(runner, tree: Path, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- the engine
 
 
-def test_engine_buckets_sizes_and_redoes_nan_batches_in_fp32() -> None:
+def test_engine_buckets_sizes_and_fails_rows_that_are_not_finite() -> None:
     shapes = [(3, 8, 8), (3, 8, 16), (3, 8, 8), (3, 8, 16), (3, 8, 8)]
     jobs = [Job(str(i), Path(f"{i}.png")) for i in range(len(shapes))]
     batches: list[list[str]] = []
     written: dict[str, torch.Tensor] = {}
-    notices: list[str] = []
 
     def compute(x: torch.Tensor, js: list[Job]) -> torch.Tensor:
         batches.append([j.key for j in js])
-        out = x.mean(dim=(1, 2, 3))[:, None].half()  # [B, 1]
-        return out.fill_(float("nan")) if "3" in batches[-1] else out
+        out = x.mean(dim=(1, 2, 3))[:, None]  # [B, 1]
+        return torch.where(x[:, :1, 0, 0] == 3, float("nan"), out)  # job 3's row is NaN
 
     def write(job: Job, t: torch.Tensor, info: dict) -> None:
         if job.key == "4":
             raise OSError(28, "No space left on device")
         written[job.key] = t
 
-    stages = Stages(lambda j: Loaded(torch.full(shapes[int(j.key)], float(j.key))), compute, write,
-                    fallback=lambda x, js: x.mean(dim=(1, 2, 3))[:, None])
-    summary = run_pipeline(jobs, stages, EngineOptions(batch_size=2, on_notice=notices.append))
+    stages = Stages(lambda j: Loaded(torch.full(shapes[int(j.key)], float(j.key))), compute, write)
+    summary = run_pipeline(jobs, stages, EngineOptions(batch_size=2))
     assert batches == [["0", "2"], ["1", "3"], ["4"]]  # equal sizes only, in input order
-    assert summary.fp32_retries == 1 and len(notices) == 1
-    assert written["3"].dtype == torch.float32 and written["3"].item() == 3.0
-    assert written["0"].dtype == torch.float16
-    assert summary.done == 4 and [f.key for f in summary.failed] == ["4"]
-    assert "no space left" in summary.failed[0].reason
+    assert sorted(written) == ["0", "1", "2"] and written["1"].item() == 1.0
+    assert summary.done == 3 and [f.key for f in summary.failed] == ["3", "4"]
+    assert "NaN/inf" in summary.failed[0].reason and "no space left" in summary.failed[1].reason
 
 
-def test_nan_in_half_precision_is_redone_in_fp32(tree: Path, tmp_path: Path) -> None:
-    from vaetool.cli.encode import EncodeSettings, encode_files
+def test_engine_fails_the_batch_a_model_call_refuses_and_goes_on() -> None:
+    jobs = [Job(str(i), Path(f"{i}.png")) for i in range(3)]
+
+    def compute(x: torch.Tensor, js: list[Job]) -> torch.Tensor:
+        if any(j.key == "1" for j in js):
+            raise MemoryBudgetError("max_memory 1 MiB is too small to decode 8x8 images")
+        return x.mean(dim=(1, 2, 3))[:, None]
+
+    stages = Stages(lambda j: Loaded(torch.full((3, 8, 8 * (1 + (j.key == "1"))), 1.0)), compute, lambda j, t, i: None)
+    summary = run_pipeline(jobs, stages, EngineOptions(batch_size=2))
+    assert summary.done == 2 and [f.key for f in summary.failed] == ["1"]
+    assert "too small" in summary.failed[0].reason
+
+
+def test_fp32_fallback_redoes_non_finite_half_outputs_once_built() -> None:
+    vae = load_vae("tiny-f8", dtype=torch.bfloat16)
+    notices: list[str] = []
+    fallback = Fp32Fallback(vae, notices.append)
+    dtypes: list[torch.dtype] = []
+
+    def call(v) -> torch.Tensor:
+        dtypes.append(v.dtype)
+        return torch.full((1,), float("nan")) if v.dtype == torch.bfloat16 else torch.ones(1)
+
+    assert fallback(call).item() == 1.0 and fallback(call).item() == 1.0
+    assert dtypes == [torch.bfloat16, torch.float32] * 2 and fallback.retries == 2
+    assert len(notices) == 1 and "redoing it in fp32" in notices[0]
+    assert fallback.fp32 is not None and vae.dtype == torch.bfloat16  # one copy; the half model is untouched
+    fp32 = Fp32Fallback(load_vae("tiny-f8"))
+    assert torch.isnan(fp32(lambda v: torch.full((1,), float("nan")))).all() and fp32.retries == 0  # nothing to redo in fp32
+
+
+def test_nan_in_half_precision_is_redone_in_fp32(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vaetool.api import Vae
     from vaetool.io.inputs import collect_inputs
+    from vaetool.jobs import EncodeSettings, encode_files
 
     vae = load_vae("tiny-f8", dtype=torch.bfloat16)
+    real = Vae.moments
 
-    def moments(v):
-        if v.dtype == torch.bfloat16:
-            return lambda x: (torch.full((x.shape[0], 4, x.shape[2] // 8, x.shape[3] // 8), float("nan")),) * 2
-        return v.moments
+    def moments(self, images, **kw):
+        mean, logvar = real(self, images, **kw)
+        return (mean * float("nan"), logvar) if self.dtype == torch.bfloat16 else (mean, logvar)
 
+    monkeypatch.setattr(Vae, "moments", moments)
     inputs = collect_inputs([str(tree / "a.png")])
-    summary = encode_files(vae, inputs, EncodeSettings(tmp_path / "out"), moments=moments)
+    summary = encode_files(vae, inputs, EncodeSettings(tmp_path / "out"))
     assert summary.fp32_retries == 1 and summary.done == 1
     expected = fp32_copy(vae).encode(load_image(tree / "a.png")[None])[0]  # bf16 weights, fp32 activations
     assert torch.equal(_latent(tmp_path / "out" / "a.safetensors")[0], expected)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from vaetool.api import load_vae
 from vaetool.cli import app
+from vaetool.tiling import Tiling
 from vaetool.video.coding import decode_video, plan_decode
 from vaetool.video.store import load_video_latents
 
@@ -70,7 +71,7 @@ def test_frames_to_latents_to_frames(runner, tmp_path: Path) -> None:
     assert summary["frames"] == len(ORDER) and summary["chunk_frames"] == 4 and summary["overlap"] == 2 and summary["temporal"]
     names = sorted(p.name for p in out.iterdir())
     assert names == [f"frame_{i:05d}.png" for i in range(len(ORDER))]
-    plan = plan_decode(vae, len(ORDER), 24, 32, chunk_frames=4, overlap=2, tile="off")
+    plan = plan_decode(vae, len(ORDER), 24, 32, chunk_frames=4, overlap=2, tiling=Tiling("off"))
     expected = list(decode_video(vae, latents, plan, size=(24, 32)))
     for name, want in zip(names, expected, strict=False):
         assert np.array_equal(np.asarray(Image.open(out / name)), want)
@@ -133,8 +134,8 @@ def test_image_only_vae_goes_frame_by_frame_and_says_so(runner, tmp_path: Path) 
 # ---- bad input ----------------------------------------------------------------------------------
 
 
-def _fails(result, *needles: str) -> str:
-    assert result.exit_code == 1, result.stdout
+def _fails(result, *needles: str, code: int = 1) -> str:
+    assert result.exit_code == code, result.stdout
     err = " ".join(result.stderr.split())  # one logical line, whatever the console width
     assert "Traceback" not in err and all(n in err for n in needles), err
     return err
@@ -188,7 +189,7 @@ def test_existing_output_and_bad_outputs(runner, tmp_path: Path) -> None:
     _fails(_invoke(runner, "encode", gif, "-o", tmp_path / "x.gif", *MODEL), "writes one .safetensors file")
     _fails(_invoke(runner, "decode", gif, "-o", tmp_path / "y.png", *MODEL), "y.png", "a folder (PNG frames)")
     _fails(_invoke(runner, "roundtrip", gif, "-o", tmp_path / "z", *MODEL, "--chunk-frames", 4, "--overlap", 3),
-           "--overlap 3", "half of chunk_frames")
+           "--overlap 3", "half of chunk_frames", code=2)  # a usage error
     assert not (tmp_path / "z").exists()
 
 
@@ -205,8 +206,8 @@ def _nan_when(monkeypatch: pytest.MonkeyPatch, bad: tuple[torch.dtype, ...]) -> 
 
     real_moments, real_decode = Vae.moments, Vae.decode
 
-    def moments(self, images):
-        mean, logvar = real_moments(self, images)
+    def moments(self, images, **kw):
+        mean, logvar = real_moments(self, images, **kw)
         return (mean * float("nan"), logvar) if self.dtype in bad else (mean, logvar)
 
     def decode(self, latents, **kw):

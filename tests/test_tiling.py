@@ -10,7 +10,8 @@ import torch
 
 from vaetool import memory, tiling
 from vaetool.api import load_vae
-from vaetool.errors import InputError, MemoryBudgetError, VaeToolError
+from vaetool.errors import ConfigError, MemoryBudgetError, VaeToolError
+from vaetool.tiling import Tiling
 from vaetool.tiling.fast import ramp, windows
 from vaetool.tiling.program import decoder_program, encoder_program
 
@@ -65,7 +66,7 @@ def test_exact_encode_equals_untiled(models: dict, name: str, tile: int) -> None
     x = _image(2, 75, 90)  # odd sizes; neither tile divides them
     with torch.inference_mode():
         ref = model.encode_moments(x)
-    out = tiling.encode_exact(model, x, tile)
+    out = tiling.encode_exact(model, x, tile_size=tile)
     assert out.shape == ref.shape
     assert (out - ref).abs().max().item() <= EXACT_TOL
 
@@ -77,7 +78,7 @@ def test_exact_decode_equals_untiled(models: dict, name: str, tile: int) -> None
     z = z[:, :, :-1, 1:]  # odd latent sizes: 8 x 10 (f8), 17 x 21 (f4); neither tile divides the image
     with torch.inference_mode():
         ref = model.decode(z)
-    out = tiling.decode_exact(model, z, tile)
+    out = tiling.decode_exact(model, z, tile_size=tile)
     assert out.shape == ref.shape
     assert (out - ref).abs().max().item() <= EXACT_TOL
 
@@ -88,7 +89,7 @@ def test_exact_decode_video_clips(models: dict) -> None:
     z = _latent(model, _image(4, 56, 72))
     with torch.inference_mode():
         ref = model.decode(z, timesteps=2)
-    out = tiling.decode_exact(model, z, 32, timesteps=2)
+    out = tiling.decode_exact(model, z, tile_size=32, timesteps=2)
     assert (out - ref).abs().max().item() <= EXACT_TOL
 
 
@@ -122,7 +123,7 @@ def test_fast_decode_within_documented_psnr(models: dict, name: str) -> None:
     kw = {"timesteps": 2} if name == "tiny-svd" else {}
     with torch.inference_mode():
         ref = model.decode(z, **kw)
-    out = tiling.decode_fast(model, z, 48, **kw)
+    out = tiling.decode_fast(model, z, tile_size=48, **kw)
     assert out.shape == ref.shape
     assert _psnr(out, ref) >= FAST_MIN_PSNR["decode"]
 
@@ -133,7 +134,7 @@ def test_fast_encode_within_documented_psnr(models: dict, name: str) -> None:
     x = _image(2, 96, 128)
     with torch.inference_mode():
         ref = model.encode_moments(x)
-    out = tiling.encode_fast(model, x, 48)
+    out = tiling.encode_fast(model, x, tile_size=48)
     assert out.shape == ref.shape
     assert _psnr(out, ref) >= FAST_MIN_PSNR["encode"]
 
@@ -144,7 +145,7 @@ def test_fast_with_exact_statistics_is_nearly_exact(models: dict) -> None:
     z = _latent(model, _image(1, 96, 128))
     with torch.inference_mode():
         ref = model.decode(z)
-    out = tiling.decode_fast(model, z, 48, 32, stats_pixels=10**9)
+    out = tiling.decode_fast(model, z, tile_size=48, overlap=32, stats_pixels=10**9)
     assert _psnr(out, ref) >= 50.0
 
 
@@ -182,12 +183,12 @@ def test_auto_small_budget_tiles_and_agrees(models: dict, monkeypatch: pytest.Mo
     for mode in ("off", "exact", "fast"):
         real = tiling.RUNNERS[("decode", mode)]
         monkeypatch.setitem(tiling.RUNNERS, ("decode", mode),
-                            lambda m, t, ts, kw, mode=mode, real=real: used.append((mode, ts)) or real(m, t, ts, kw))
-    out = tiling.decode(model, z, max_memory=_tiling_budget(model, "decode", 128, 1))
+                            lambda m, t, ts, ov, tt, mode=mode, real=real: used.append((mode, ts)) or real(m, t, ts, ov, tt))
+    out = tiling.decode(model, z, Tiling(max_memory=_tiling_budget(model, "decode", 128, 1)))
     assert used and all(mode == "exact" and ts is not None and ts < 128 for mode, ts in used)
     assert (out - ref).abs().max().item() <= EXACT_TOL
     used.clear()
-    tiling.decode(model, z, max_memory="1GiB")
+    tiling.decode(model, z, Tiling(max_memory="1GiB"))
     assert [mode for mode, _ in used] == ["off"]
 
 
@@ -196,7 +197,7 @@ def test_auto_encode_small_budget_agrees(models: dict) -> None:
     x = _image(2, 128, 128)
     with torch.inference_mode():
         ref = model.encode_moments(x)
-    out = tiling.encode(model, x, max_memory=_tiling_budget(model, "encode", 128, 1))
+    out = tiling.encode(model, x, Tiling(max_memory=_tiling_budget(model, "encode", 128, 1)))
     assert (out - ref).abs().max().item() <= EXACT_TOL
 
 
@@ -209,42 +210,72 @@ def test_out_of_memory_is_retried_with_smaller_tiles(models: dict, monkeypatch: 
     real = dict(tiling.RUNNERS)
 
     def flaky(mode: str):
-        def run(m, t, ts, kw):
+        def run(m, t, ts, ov, tt):
             calls.append((mode, ts, t.shape[0]))
             if len(calls) == 1:
                 raise torch.OutOfMemoryError("simulated: out of memory")
-            return real[("decode", mode)](m, t, ts, kw)
+            return real[("decode", mode)](m, t, ts, ov, tt)
         return run
 
     for mode in ("off", "exact"):
         monkeypatch.setitem(tiling.RUNNERS, ("decode", mode), flaky(mode))
-    out = tiling.decode(model, z, tile="exact", tile_size=128)
+    out = tiling.decode(model, z, Tiling("exact", 128))
     assert [(m, ts) for m, ts, _ in calls] == [("exact", 128), ("exact", 64)]
     assert all(n == 2 for _, _, n in calls)  # the whole batch, nothing lost
     assert (out - ref).abs().max().item() <= EXACT_TOL
 
     calls.clear()
-    out = tiling.decode(model, z, max_memory="1GiB")  # planned untiled, fails once, goes tiled
+    out = tiling.decode(model, z, Tiling(max_memory="1GiB"))  # planned untiled, fails once, goes tiled
     assert calls[0][0] == "off" and calls[1][0] == "exact" and calls[1][1] == 64
     assert (out - ref).abs().max().item() <= EXACT_TOL
 
 
 def test_out_of_memory_at_the_smallest_tile_is_a_budget_error(models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    def always(m, t, ts, kw):
+    def always(m, t, ts, ov, tt):
         raise torch.OutOfMemoryError("simulated")
 
     monkeypatch.setitem(tiling.RUNNERS, ("decode", "fast"), always)
     z = torch.zeros(1, 4, 16, 16)
     with pytest.raises(MemoryBudgetError, match=r"smallest tile \(64 px\).*needs about"):
-        tiling.decode(models["tiny-f8"], z, tile="fast", tile_size=128)
+        tiling.decode(models["tiny-f8"], z, Tiling("fast", 128))
 
 
 def test_budget_too_small_names_the_smallest_budget(models: dict) -> None:
     z = torch.zeros(1, 4, 32, 32)
     with pytest.raises(VaeToolError, match=r"too small.*smallest tile.*needs \d"):
-        tiling.decode(models["tiny-f8"], z, max_memory="1MiB")
+        tiling.decode(models["tiny-f8"], z, Tiling(max_memory="1MiB"))
 
 
-def test_unknown_mode_is_an_input_error(models: dict) -> None:
-    with pytest.raises(InputError, match="unknown tiling mode 'tiles'"):
-        tiling.encode(models["tiny-f8"], torch.zeros(1, 3, 16, 16), tile="tiles")
+def test_bad_tiling_settings_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="unknown tiling mode 'tiles'"):
+        Tiling("tiles")
+    with pytest.raises(ConfigError, match="max-memory"):
+        Tiling(max_memory="lots")
+    with pytest.raises(ConfigError, match="below the smallest"):
+        Tiling("exact", 8)
+
+
+def test_explicit_fast_mode_plans_fast_tiles(models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--tile fast with a budget too small for any exact tile still runs: the planner is asked for fast tiles."""
+    model = models["tiny-f8"]
+    z = _latent(model, _image(1, 256, 256))
+    exact_min = memory.estimate_tile_peak(model, "decode", 64, 1, mode="exact", height=256, width=256)
+    fast_min = memory.estimate_tile_peak(model, "decode", 64, 1, mode="fast", height=256, width=256)
+    assert fast_min < exact_min
+    budget = (fast_min + exact_min) // 2
+    with pytest.raises(MemoryBudgetError):
+        tiling.choose(model, "decode", 1, 256, 256, Tiling("exact", max_memory=budget))
+    choice = tiling.choose(model, "decode", 1, 256, 256, Tiling("fast", max_memory=budget))
+    assert choice.mode == "fast" and choice.tile_size is not None and choice.tile_size < 256
+    assert tiling.choose(model, "decode", 1, 256, 256, Tiling(max_memory=budget)).mode == "fast"  # auto falls back to fast
+    out = tiling.decode(model, z, Tiling("fast", max_memory=budget))
+    assert out.shape == (1, 3, 256, 256) and torch.isfinite(out).all()
+
+
+def test_off_never_tiles_even_out_of_memory(models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    def oom(m, t, ts, ov, tt):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setitem(tiling.RUNNERS, ("decode", "off"), oom)
+    with pytest.raises(MemoryBudgetError, match=r"untiled \(--tile off\)"):
+        tiling.decode(models["tiny-f8"], torch.zeros(1, 4, 8, 8), Tiling("off"))

@@ -150,7 +150,7 @@ def test_typo_in_a_key_is_named(runner: CliRunner, tmp_path: Path, key: dict, wh
     doc = yaml.safe_load(cfg.read_text()) | key
     cfg.write_text(yaml.safe_dump(doc))
     result = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "run")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a config error is a usage error
     assert where in result.stderr and str(cfg) in result.stderr and "did you mean" in result.stderr
 
 

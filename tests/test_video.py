@@ -16,7 +16,8 @@ from vaetool.config import instantiate_from_config
 from vaetool.errors import InputError, OutputError, OutputExistsError
 from vaetool.families import get_family
 from vaetool.keymaps import to_original
-from vaetool.video.chunks import Span, blend_weights, chunk_spans, decode_chunks, iter_decode_chunks
+from vaetool.tiling import Tiling
+from vaetool.video.chunks import FrameSpan, blend_weights, chunk_spans, decode_chunks, iter_decode_chunks
 from vaetool.video.coding import DecodePlan, frame_decoder
 from vaetool.video.frames import natural_key, open_frames
 from vaetool.video.store import load_video_latents, save_video_latents
@@ -26,10 +27,10 @@ from vaetool.video.writers import open_writer, output_kind
 
 
 def test_chunk_spans_examples() -> None:
-    assert chunk_spans(10, 4) == [Span(0, 4), Span(4, 8), Span(8, 10)]  # upstream: disjoint, ragged last
-    assert chunk_spans(10, 4, 2) == [Span(0, 4), Span(2, 6), Span(4, 8), Span(6, 10)]
-    assert chunk_spans(7, 4, 2) == [Span(0, 4), Span(2, 6), Span(4, 7)]
-    assert chunk_spans(3, 14, 3) == [Span(0, 3)]
+    assert chunk_spans(10, 4) == [FrameSpan(0, 4), FrameSpan(4, 8), FrameSpan(8, 10)]  # upstream: disjoint, ragged last
+    assert chunk_spans(10, 4, 2) == [FrameSpan(0, 4), FrameSpan(2, 6), FrameSpan(4, 8), FrameSpan(6, 10)]
+    assert chunk_spans(7, 4, 2) == [FrameSpan(0, 4), FrameSpan(2, 6), FrameSpan(4, 7)]
+    assert chunk_spans(3, 14, 3) == [FrameSpan(0, 3)]
     assert chunk_spans(0, 4) == []
 
 
@@ -127,7 +128,7 @@ def _diffusers_chunked(ref: torch.nn.Module, z: torch.Tensor, decode_chunk_size:
 def test_chunked_decode_matches_diffusers(svd_pair, frames: int, chunk: int) -> None:
     ref, vae = svd_pair
     z = torch.randn(frames, 4, 5, 6)
-    plan = DecodePlan(temporal=True, chunk_frames=chunk, overlap=0, tile=None)
+    plan = DecodePlan(temporal=True, chunk_frames=chunk, overlap=0, tiling=Tiling("off"))
     with torch.no_grad():
         expected = _diffusers_chunked(ref, z, chunk)
         got = decode_chunks(frame_decoder(vae, plan), z, chunk, 0)
@@ -141,8 +142,8 @@ def test_tiled_chunks_match_untiled(svd_pair) -> None:
     pytest.importorskip("vaetool.tiling")
     _, vae = svd_pair
     z = torch.randn(7, 4, 8, 8)
-    untiled = decode_chunks(frame_decoder(vae, DecodePlan(True, 4, 1, None)), z, 4, 1)
-    tiled = decode_chunks(frame_decoder(vae, DecodePlan(True, 4, 1, 8)), z, 4, 1)
+    untiled = decode_chunks(frame_decoder(vae, DecodePlan(True, 4, 1, Tiling("off"))), z, 4, 1)
+    tiled = decode_chunks(frame_decoder(vae, DecodePlan(True, 4, 1, Tiling("exact", 16))), z, 4, 1)
     assert (tiled - untiled).abs().max().item() <= 1e-4
 
 
@@ -156,7 +157,7 @@ def test_every_time_mode_and_merge_strategy_from_a_config(mode: str, merge: str)
     vae = load_vae("tiny-svd", overrides=[f"{params}.time_mode={mode}", f"{params}.merge_strategy={merge}",
                                           f"{params}.alpha=0.3"])
     assert vae.model.decoder.time_mode == mode and vae.model.decoder.merge_strategy == merge and is_temporal(vae)
-    plan = plan_decode(vae, 5, 16, 16, chunk_frames=3, overlap=1, tile="off")
+    plan = plan_decode(vae, 5, 16, 16, chunk_frames=3, overlap=1, tiling=Tiling("off"))
     out = decode_chunks(frame_decoder(vae, plan), torch.randn(5, 4, 2, 2), plan.chunk_frames, plan.overlap)
     assert out.shape == (5, 3, 16, 16) and torch.isfinite(out).all()
 
@@ -167,19 +168,20 @@ def test_plan_defaults() -> None:
     from vaetool.video.coding import plan_decode
 
     svd, image_only = load_vae("tiny-svd"), load_vae("tiny-f8")
-    assert plan_decode(svd, 20, 64, 64, tile="off") == DecodePlan(True, 14, 3, None)
-    assert plan_decode(svd, 5, 64, 64, tile="off") == DecodePlan(True, 5, 2, None)  # never more than the video
-    assert plan_decode(svd, 20, 64, 64, chunk_frames=4, tile="off") == DecodePlan(True, 4, 2, None)
-    assert plan_decode(svd, 20, 64, 64, chunk_frames=4, overlap=0, tile="exact", tile_size=32) == DecodePlan(True, 4, 0, 32)
-    assert plan_decode(image_only, 20, 64, 64, overlap=2, batch_size=3, tile="off") == DecodePlan(False, 3, 0, None)
+    off, exact = Tiling("off"), Tiling("exact", 32)
+    assert plan_decode(svd, 20, 64, 64, tiling=off) == DecodePlan(True, 14, 3, off)
+    assert plan_decode(svd, 5, 64, 64, tiling=off) == DecodePlan(True, 5, 2, off)  # never more than the video
+    assert plan_decode(svd, 20, 64, 64, chunk_frames=4, tiling=off) == DecodePlan(True, 4, 2, off)
+    assert plan_decode(svd, 20, 64, 64, chunk_frames=4, overlap=0, tiling=exact) == DecodePlan(True, 4, 0, exact)
+    assert plan_decode(image_only, 20, 64, 64, overlap=2, batch_size=3, tiling=off) == DecodePlan(False, 3, 0, off)
     with pytest.raises(ConfigError, match="--overlap 3"):
-        plan_decode(svd, 20, 64, 64, chunk_frames=4, overlap=3, tile="off")
+        plan_decode(svd, 20, 64, 64, chunk_frames=4, overlap=3, tiling=off)
 
 
 def test_low_memory_tiles_chunks_rather_than_cutting_them(monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace
 
-    import vaetool.pipeline
+    import vaetool.memory
     from vaetool.api import load_vae
     from vaetool.errors import MemoryBudgetError
     from vaetool.video.coding import plan_decode
@@ -188,7 +190,7 @@ def test_low_memory_tiles_chunks_rather_than_cutting_them(monkeypatch: pytest.Mo
     weights = sum(t.numel() * t.element_size() for t in vae.model.parameters())
     mb = 1 << 20
 
-    def fake_plan(vae, op, height, width, batch, max_memory):  # 1 MiB per frame untiled, 10 kB per tile pixel tiled
+    def fake_plan(model, op, height, width, batch, dtype, max_memory, device, *, mode):  # 1 MiB/frame untiled, 10 kB/tile px tiled
         budget = int(max_memory)
         fit = min(batch, (budget - weights) // mb)
         if fit >= 1:
@@ -198,12 +200,16 @@ def test_low_memory_tiles_chunks_rather_than_cutting_them(monkeypatch: pytest.Mo
             raise MemoryBudgetError("too small")
         return SimpleNamespace(fits_untiled=False, tile=tile, batch_size=1, budget=budget)
 
-    monkeypatch.setattr(vaetool.pipeline, "memory_plan", fake_plan)
-    assert plan_decode(vae, 20, 64, 64, max_memory=weights + 20 * mb) == DecodePlan(True, 14, 3, None)
+    monkeypatch.setattr(vaetool.memory, "plan", fake_plan)
+
+    def budget(extra: int) -> Tiling:
+        return Tiling(max_memory=weights + extra)
+
+    assert plan_decode(vae, 20, 64, 64, tiling=budget(20 * mb)) == DecodePlan(True, 14, 3, budget(20 * mb))
     # 3 frames would fit untiled; 8 frames get tiles sized for an eighth of the activation budget each
-    assert plan_decode(vae, 20, 64, 64, max_memory=weights + 7 * mb // 2) == DecodePlan(True, 8, 3, 32)
-    assert plan_decode(vae, 20, 64, 64, max_memory=weights + mb) == DecodePlan(True, 1, 0, None)  # no tile fits
-    assert plan_decode(vae, 20, 64, 64, chunk_frames=6, max_memory=weights + 3 * mb).chunk_frames == 6  # as asked
+    assert plan_decode(vae, 20, 64, 64, tiling=budget(7 * mb // 2)) == DecodePlan(True, 8, 3, Tiling("exact", 32, weights + 7 * mb // 2))
+    assert plan_decode(vae, 20, 64, 64, tiling=budget(mb)) == DecodePlan(True, 1, 0, budget(mb))  # no tile fits
+    assert plan_decode(vae, 20, 64, 64, chunk_frames=6, tiling=budget(3 * mb)).chunk_frames == 6  # as asked
 
 
 # ---- reading frames ----------------------------------------------------------------------------

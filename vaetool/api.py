@@ -9,10 +9,12 @@ from typing import Any
 
 import torch
 
+from vaetool import tiling as tiled
 from vaetool.config import instantiate_from_config, load_vae_config
 from vaetool.errors import ConfigError
 from vaetool.families import LatentFormat, get_family
 from vaetool.nn.autoencoder import AutoencodingEngine
+from vaetool.tiling import Tiling
 
 DEFAULT_MODEL = "mini"
 
@@ -46,9 +48,9 @@ class Vae:
         return self
 
     @torch.inference_mode()
-    def moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images [B, 3, H, W] in [-1, 1] -> posterior (mean, logvar), each [B, C, ceil(H/f), ceil(W/f)]."""
-        moments = self.model.encode_moments(images.to(self.device, self.dtype))
+    def moments(self, images: torch.Tensor, *, tiling: Tiling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [B, 3, H, W] in [-1, 1] -> posterior (mean, logvar), each [B, C, ceil(H/f), ceil(W/f)], within `tiling`."""
+        moments = tiled.encode(self.model, images, tiling)  # [B, 2C, h, w]
         mean, logvar = torch.chunk(moments, 2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
@@ -60,9 +62,10 @@ class Vae:
         sample: bool = False,
         generator: torch.Generator | None = None,
         scaled: bool = False,
+        tiling: Tiling | None = None,
     ) -> torch.Tensor:
         """Images in [-1, 1] -> raw latents (the posterior mode, or a sample); `scaled` applies scale/shift."""
-        mean, logvar = self.moments(images)
+        mean, logvar = self.moments(images, tiling=tiling)
         latents = mean
         if sample:
             eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
@@ -70,12 +73,14 @@ class Vae:
         return self.latent_format.to_scaled(latents) if scaled else latents
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor, *, scaled: bool = False, **decoder_kwargs: Any) -> torch.Tensor:
-        """Latents [B, C, h, w] (raw, or scaled when `scaled`) -> images [B, 3, h*f, w*f], about [-1, 1]."""
+    def decode(
+        self, latents: torch.Tensor, *, scaled: bool = False, tiling: Tiling | None = None, timesteps: int | None = None
+    ) -> torch.Tensor:
+        """Latents [B, C, h, w] (raw, or scaled when `scaled`) -> images [B, 3, h*f, w*f], about [-1, 1], within `tiling`."""
         z = latents.to(self.device, self.dtype)
         if scaled:
             z = self.latent_format.to_raw(z)
-        return self.model.decode(z, **decoder_kwargs)
+        return tiled.decode(self.model, z, tiling, timesteps=timesteps)
 
 
 def _resolve_format(

@@ -14,6 +14,10 @@ class VaeToolError(Exception):
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
 
+class UsageError(VaeToolError):
+    """A command used wrongly: a missing or contradictory option or argument (exit code 2)."""
+
+
 class ConfigError(VaeToolError):
     """A YAML config that cannot be read or instantiated."""
 

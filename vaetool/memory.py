@@ -21,10 +21,10 @@ from torch import nn
 
 from vaetool.devices import FREE_MEMORY, free_memory
 from vaetool.errors import MemoryBudgetError
-from vaetool.memory_estimate import Mode, Op, architecture, estimate_peak, estimate_tile_peak
+from vaetool.memory_estimate import Direction, TileMode, architecture, estimate_peak, estimate_tile_peak
 
 __all__ = [
-    "FREE_MEMORY", "Plan", "architecture", "estimate_peak", "estimate_tile_peak", "format_bytes", "free_memory",
+    "FREE_MEMORY", "Plan", "architecture", "budget_for", "estimate_peak", "estimate_tile_peak", "format_bytes", "free_memory",
     "measure_peak", "parse_memory", "plan",
 ]  # fmt: skip
 
@@ -91,6 +91,14 @@ def _resident_weights(model_or_cfg: Any, device: torch.device) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == device.type)
 
 
+def budget_for(model_or_cfg: Any, max_memory: int | str | None, device: str | torch.device, margin: float = DEFAULT_MARGIN) -> int:
+    """Bytes a call may use: `max_memory`, or `margin` of what `device` has free plus the model's weights already there."""
+    if max_memory is not None:
+        return parse_memory(max_memory)
+    device = torch.device(device)
+    return int(free_memory(device) * margin) + _resident_weights(model_or_cfg, device)
+
+
 def _largest(fits: Callable[[int], bool], candidates: list[int]) -> int | None:
     """Largest candidate (ascending list) for which the monotone `fits` holds, by bisection."""
     lo, hi, best = 0, len(candidates) - 1, None
@@ -105,7 +113,7 @@ def _largest(fits: Callable[[int], bool], candidates: list[int]) -> int | None:
 
 def plan(
     model_or_cfg: Any,
-    op: Op,
+    op: Direction,
     height: int,
     width: int,
     batch: int = 1,
@@ -113,14 +121,14 @@ def plan(
     max_memory: int | str | None = None,
     device: str | torch.device = "cpu",
     *,
-    mode: Mode = "fast",
+    mode: TileMode = "fast",
     margin: float = DEFAULT_MARGIN,
     attention: str | None = None,
 ) -> Plan:
     """Batch size and tile size (None: untiled) for an op within `max_memory` (default: free * margin)."""
     device = torch.device(device)
     arch = architecture(model_or_cfg)
-    budget = int(free_memory(device) * margin) + _resident_weights(model_or_cfg, device) if max_memory is None else parse_memory(max_memory)
+    budget = budget_for(model_or_cfg, max_memory, device, margin)
     kw: dict[str, Any] = {"dtype": dtype, "device": device, "attention": attention}
 
     def untiled(b: int) -> int:

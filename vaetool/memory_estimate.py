@@ -22,8 +22,8 @@ from torch import nn
 
 from vaetool.nn import attention as attn
 
-Op = Literal["encode", "decode"]
-Mode = Literal["exact", "fast"]
+Direction = Literal["encode", "decode"]  # which half of the autoencoder runs
+TileMode = Literal["exact", "fast"]
 
 CONV_WORKSPACE: dict[str, float] = {"cpu": 1.0, "cuda": 0.5, "mps": 1.0}  # x conv input; cuda/mps not measured
 SAFETY = 1.1  # calibrated: every measured CPU point lies below the estimate (docs/memory.md)
@@ -221,7 +221,7 @@ def _check(op: str, height: int, width: int, batch: int) -> None:
         raise ValueError(f"height, width and batch must be at least 1, got {height}, {width}, {batch}")
 
 
-def _input_bytes(arch: Arch, op: Op, height: int, width: int, batch: int, elem: int) -> int:
+def _input_bytes(arch: Arch, op: Direction, height: int, width: int, batch: int, elem: int) -> int:
     if op == "encode":
         return batch * arch.in_channels * height * width * elem
     f = arch.downscale
@@ -230,7 +230,7 @@ def _input_bytes(arch: Arch, op: Op, height: int, width: int, batch: int, elem: 
 
 def estimate_peak(
     model_or_cfg: Any,
-    op: Op,
+    op: Direction,
     height: int,
     width: int,
     batch: int = 1,
@@ -250,11 +250,11 @@ def estimate_peak(
 
 def estimate_tile_peak(
     model_or_cfg: Any,
-    op: Op,
+    op: Direction,
     tile: int,
     batch: int = 1,
     dtype: torch.dtype = torch.float32,
-    mode: Mode = "fast",
+    mode: TileMode = "fast",
     *,
     height: int | None = None,
     width: int | None = None,

@@ -5,28 +5,24 @@
 
 Loading and writing overlap with compute; the order of batches depends only on the order and
 sizes of the jobs, never on thread timing, so a run is deterministic. A job whose file cannot be
-read or written fails alone (reported with its reason) unless `fail_fast`; a batch whose
-half-precision output holds NaN/inf is redone once with the fp32 `fallback`.
+read or written fails alone (reported with its reason) unless `fail_fast`; an output row that
+holds NaN/inf fails its job (the compute stage redoes half-precision batches in fp32 first, with
+vaetool.precision.Fp32Fallback). The engine knows nothing of models: `Stages` are plain functions.
 """
 
 from __future__ import annotations
 
-import copy
-import importlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
 from vaetool.errors import OutputError, VaeToolError
-
-if TYPE_CHECKING:
-    from vaetool.api import Vae
 
 # Exceptions that fail one job (a bad file, a failed write); anything else is a bug and propagates.
 ITEM_ERRORS: tuple[type[BaseException], ...] = (VaeToolError, OSError)
@@ -119,7 +115,6 @@ class Stages(Generic[J]):
     load: Callable[[J], Loaded]
     compute: Callable[[torch.Tensor, Sequence[J]], torch.Tensor]  # [B, C, H, W] -> [B, ...]
     write: Callable[[J, torch.Tensor, dict[str, Any]], Any]
-    fallback: Callable[[torch.Tensor, Sequence[J]], torch.Tensor] | None = None  # fp32 redo of a non-finite batch
     skip: Callable[[J], bool] | None = None  # True: the output exists already
 
 
@@ -134,7 +129,7 @@ class EngineOptions:
     max_pending_writes: int = 64
     fail_fast: bool = False
     on_event: Callable[[Event], None] | None = None
-    on_notice: Callable[[str], None] | None = None  # one-off notices, e.g. the first fp32 redo
+    on_notice: Callable[[str], None] | None = None  # one-off notices for the user (e.g. the first fp32 redo)
 
 
 def describe_error(err: BaseException) -> str:
@@ -160,7 +155,6 @@ class _Run(Generic[J]):
         self.summary = Summary()
         self.buckets: dict[tuple[int, ...], list[tuple[J, Loaded]]] = {}
         self.writes: deque[tuple[J, Future[Any]]] = deque()
-        self.noticed = False
 
     def batch_size(self, shape: tuple[int, ...]) -> int:
         size = self.options.batch_size
@@ -192,17 +186,9 @@ class _Run(Generic[J]):
         return sum(loaded.tensor.nbytes for bucket in self.buckets.values() for _, loaded in bucket)
 
     def compute(self, batch: torch.Tensor, jobs: Sequence[J]) -> torch.Tensor:
-        """The model call, redone with the fp32 fallback when the output is not finite."""
+        """The model call (timed)."""
         start = time.perf_counter()
         out = self.stages.compute(batch, jobs).cpu()  # [B, ...]
-        if self.stages.fallback is not None and non_finite_rows(out):
-            if not self.noticed and self.options.on_notice is not None:
-                self.options.on_notice(
-                    "NaN/inf in a half-precision batch: redoing it in fp32 (and any later such batch; counted as fp32_retries)"
-                )
-            self.noticed = True
-            self.summary.fp32_retries += 1
-            out = self.stages.fallback(batch, jobs).cpu()
         self.summary.compute_seconds += time.perf_counter() - start
         self.summary.batches += 1
         return out
@@ -210,7 +196,12 @@ class _Run(Generic[J]):
     def run_batch(self, items: list[tuple[J, Loaded]], writer: ThreadPoolExecutor) -> None:
         jobs = [job for job, _ in items]
         batch = torch.stack([loaded.tensor for _, loaded in items])  # [B, C, H, W]
-        out = self.compute(batch, jobs)
+        try:
+            out = self.compute(batch, jobs)
+        except VaeToolError as err:  # e.g. too big for the memory budget even tiled: these jobs fail, the run goes on
+            for job in jobs:
+                self.fail(job, describe_error(err))
+            return
         bad = set(non_finite_rows(out))
         for i, (job, loaded) in enumerate(items):
             if i in bad:
@@ -284,78 +275,3 @@ def run_pipeline(jobs: Iterable[J], stages: Stages[J], options: EngineOptions | 
         run.collect_writes(block_over=0)
         summary.seconds = time.perf_counter() - start
     return summary
-
-
-
-# ---------------------------------------------------------------- model-side helpers: precision, tiling, batch size
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-DEFAULT_BATCH_SIZE = 4  # when neither --batch-size nor the memory planner decides
-MAX_AUTO_BATCH = 16  # the most images per batch the planner is asked for
-MomentsFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # images [B, 3, H, W] -> (mean, logvar)
-# --tile mode -> (module, function) of the tiled encoder; each returns moments [B, 2C, h, w]
-TILED_ENCODERS: dict[str, tuple[str, str]] = {
-    "exact": ("vaetool.tiling.exact", "encode_exact"),
-    "fast": ("vaetool.tiling.fast", "encode_fast"),
-}
-
-
-def fp32_copy(vae: Vae) -> Vae:
-    """The same VAE with float32 weights (a separate copy: the half-precision one stays as it is)."""
-    from vaetool.api import Vae as VaeClass
-
-    return VaeClass(copy.deepcopy(vae.model).float(), vae.latent_format, dict(vae.source))
-
-
-def split_moments(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Moments [B, 2C, h, w] -> (mean, logvar clamped like Vae.moments), each [B, C, h, w]."""
-    mean, logvar = torch.chunk(moments, 2, dim=1)
-    return mean, logvar.clamp(-30.0, 20.0)
-
-
-def memory_plan(vae: Vae, op: str, height: int, width: int, batch: int, max_memory: str | None) -> Any:
-    """The memory planner's plan for an op (None when this installation has no planner)."""
-    try:
-        from vaetool.memory import plan
-    except ImportError:
-        return None
-    return plan(vae, op, height, width, batch, vae.dtype, max_memory, vae.device, mode="exact")
-
-
-def encoder_moments(tile: str, tile_size: int | None = None, max_memory: str | None = None) -> Callable[[Vae], MomentsFn]:
-    """Posterior moments of a batch: untiled ("off"), tiled ("exact"/"fast"), or tiled only when the planner says so ("auto")."""
-
-    def make(vae: Vae) -> MomentsFn:
-        if tile == "off":
-            return vae.moments
-
-        @torch.inference_mode()
-        def run(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            mode, size = tile, tile_size
-            if tile == "auto":
-                planned = memory_plan(vae, "encode", images.shape[-2], images.shape[-1], images.shape[0], max_memory)
-                if planned is None or planned.fits_untiled:
-                    return vae.moments(images)
-                mode, size = "exact", size or planned.tile
-            module, name = TILED_ENCODERS[mode]
-            encode = getattr(importlib.import_module(module), name)
-            return split_moments(encode(vae.model, images, **({} if size is None else {"tile": size})))
-
-        return run
-
-    return make
-
-
-def planned_batch_size(vae: Vae, op: str, batch_size: int | None, max_memory: str | None) -> int | Callable[[tuple[int, ...]], int]:
-    """`batch_size` when given, else per item shape [C, H, W] the planner's batch size (at most MAX_AUTO_BATCH)."""
-    if batch_size is not None:
-        return batch_size
-    planned: dict[tuple[int, ...], int] = {}
-
-    def size(shape: tuple[int, ...]) -> int:
-        if shape not in planned:
-            p = memory_plan(vae, op, shape[-2], shape[-1], MAX_AUTO_BATCH, max_memory)
-            planned[shape] = DEFAULT_BATCH_SIZE if p is None else max(1, p.batch_size)
-        return planned[shape]
-
-    return size

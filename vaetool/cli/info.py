@@ -9,8 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from vaetool.cli import app_state
-from vaetool.cli.app_state import Debug
+from vaetool.cli.common import Debug, console
 
 NAME = "info"
 HELP = "Describe a VAE checkpoint or config: layout, family, architecture, parameters, dtype."
@@ -77,17 +76,20 @@ def command(
 ) -> None:
     """Describe a VAE checkpoint or config."""
     from vaetool.config import find_config_file
-    from vaetool.errors import CheckpointError
+    from vaetool.errors import CheckpointError, InputError
 
     candidate = Path(path)
     is_config = candidate.suffix.lower() in CONFIG_SUFFIXES or (not candidate.exists() and not candidate.suffix)
     if is_config:
         summary = describe_config(str(find_config_file(path)))
     elif candidate.exists():
-        summary = describe_checkpoint(candidate, ema=ema, family=family)
+        try:
+            summary = describe_checkpoint(candidate, ema=ema, family=family)
+        except CheckpointError as err:  # the file described is this command's input: a failed input, not a usage error
+            raise InputError(err.problem, err.path) from None
     else:
-        raise CheckpointError("no such file", candidate)
+        raise InputError("no such file", candidate)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
     else:
-        app_state.console.print(_table(summary))
+        console.print(_table(summary))

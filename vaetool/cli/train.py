@@ -9,8 +9,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from vaetool.cli import app_state
-from vaetool.cli.app_state import Debug
+from vaetool.cli.common import Debug, err_console
 
 NAME = "train"
 HELP = "Train or fine-tune an autoencoder from a YAML config (checkpoints, EMA, validation PSNR, resume)."
@@ -39,10 +38,10 @@ def command(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     out = out or Path("runs") / config.stem
-    warn = lambda msg: app_state.err_console.print(f"[yellow]warning:[/yellow] {msg}", highlight=False, soft_wrap=True)  # noqa: E731
+    warn = lambda msg: err_console.print(f"[yellow]warning:[/yellow] {msg}", highlight=False, soft_wrap=True)  # noqa: E731
     columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
-    bar = Progress(*columns, console=app_state.err_console, disable=quiet)
+    bar = Progress(*columns, console=err_console, disable=quiet)
     task = bar.add_task("train", total=settings.steps, info="")
 
     def report(step: int, total: int, metrics: dict[str, float]) -> None:
@@ -61,5 +60,5 @@ def command(
         typer.echo(json.dumps(summary))
     else:
         psnr = "n/a" if result.val_psnr is None else f"{result.val_psnr:.2f} dB"
-        app_state.err_console.print(f"step {result.step} (resumed from {result.resumed_from}); val PSNR {psnr}; "
+        err_console.print(f"step {result.step} (resumed from {result.resumed_from}); val PSNR {psnr}; "
                                     f"weights {result.weights}", highlight=False)

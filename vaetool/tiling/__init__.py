@@ -1,149 +1,190 @@
-"""Tiled encode and decode as pure functions over a model: exact (equal to untiled), fast, and auto.
+"""The one front door for running an autoencoder within a memory budget: `encode` and `decode`.
 
-`decode(model, z, tile="auto")` / `encode(model, x, tile="auto")` run untiled when the memory
-planner's estimate fits the budget (`max_memory`, default what is free), else tiled: exact mode
-when its estimate fits, else fast mode. On an actual out-of-memory they retry the failed chunk of
-the batch with tiles half the size, down to the smallest tile, and then raise MemoryBudgetError.
-`model` is an AutoencodingEngine (or a `vaetool.api.Vae`); nothing is stored on its modules.
+    tiling.decode(model, z, Tiling(mode="auto", max_memory="2GiB"))  # [B, C, h, w] -> [B, 3, H, W]
+    tiling.encode(model, x, Tiling(mode="fast", tile_size=256))      # [B, 3, H, W] -> moments [B, 2C, h, w]
+
+Every caller (the commands, `vaetool.api.Vae`, video) goes through these two functions. `choose`
+asks the memory planner once per call: `auto` runs untiled when the estimate fits the budget
+(`max_memory`, default what the device has free), else exact tiles (equal to untiled) when they
+fit, else fast tiles (fixed GroupNorm statistics, blended; see tiling.fast.ERROR_DB), else it
+raises MemoryBudgetError naming the smallest budget that works. `exact`/`fast` tile in that mode
+(the planner picks the tile size unless `tile_size` is given); `off` never tiles. A batch is run in
+the chunks the planner allows (whole clips for a video decoder). An actual out-of-memory at run
+time retries the failed chunk with tiles half the size, down to the smallest tile. With a budget,
+attention is capped by it too. `model` is an AutoencodingEngine or a `vaetool.api.Vae`; nothing is
+stored on its modules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
 from vaetool import memory
-from vaetool.errors import InputError, MemoryBudgetError
+from vaetool.errors import ConfigError, MemoryBudgetError
+from vaetool.nn import attention
 from vaetool.nn.temporal import VideoDecoder
 from vaetool.tiling.exact import clip_frames, decode_exact, encode_exact
 from vaetool.tiling.fast import decode_fast, encode_fast
 
-__all__ = ["MODES", "decode", "decode_exact", "decode_fast", "encode", "encode_exact", "encode_fast"]
+__all__ = [
+    "MODES", "RUNNERS", "Choice", "Tiling", "choose", "decode", "decode_exact", "decode_fast", "encode", "encode_exact",
+    "encode_fast",
+]  # fmt: skip
 
-Runner = Callable[[torch.nn.Module, torch.Tensor, int | None, dict[str, Any]], torch.Tensor]
-
-
-def _untiled_decode(model: torch.nn.Module, z: torch.Tensor, tile: int | None, kw: dict[str, Any]) -> torch.Tensor:
-    return model.decode(z, **({} if kw.get("timesteps") is None else {"timesteps": kw["timesteps"]}))
-
-
-def _untiled_encode(model: torch.nn.Module, x: torch.Tensor, tile: int | None, kw: dict[str, Any]) -> torch.Tensor:
-    return model.encode_moments(x)
-
-
-def _storage(model: torch.nn.Module) -> torch.device | None:
-    """Exact mode keeps its full-size activations in host memory when the model is on an accelerator."""
-    dev = next(model.parameters()).device
-    return None if dev.type == "cpu" else torch.device("cpu")
-
-
-RUNNERS: dict[tuple[str, str], Runner] = {
-    ("decode", "off"): _untiled_decode,
-    ("decode", "exact"): lambda m, z, t, kw: decode_exact(m, z, t, timesteps=kw.get("timesteps"), storage=_storage(m)),
-    ("decode", "fast"): lambda m, z, t, kw: decode_fast(m, z, t, kw.get("overlap"), timesteps=kw.get("timesteps")),
-    ("encode", "off"): _untiled_encode,
-    ("encode", "exact"): lambda m, x, t, kw: encode_exact(m, x, t, storage=_storage(m)),
-    ("encode", "fast"): lambda m, x, t, kw: encode_fast(m, x, t, kw.get("overlap")),
-}
 MODES: tuple[str, ...] = ("auto", "off", "exact", "fast")
+MIN_TILE_SIZE = 16  # image pixels
+
+# (direction, mode) -> runner(model, x, tile_size, overlap, timesteps); a table so tests can stand in for one
+Runner = Callable[[torch.nn.Module, torch.Tensor, "int | None", "int | None", "int | None"], torch.Tensor]
+RUNNERS: dict[tuple[str, str], Runner] = {
+    ("decode", "off"): lambda m, z, size, ov, t: m.decode(z, **({} if t is None else {"timesteps": t})),
+    ("decode", "exact"): lambda m, z, size, ov, t: decode_exact(m, z, tile_size=size, timesteps=t),
+    ("decode", "fast"): lambda m, z, size, ov, t: decode_fast(m, z, tile_size=size, overlap=ov, timesteps=t),
+    ("encode", "off"): lambda m, x, size, ov, t: m.encode_moments(x),
+    ("encode", "exact"): lambda m, x, size, ov, t: encode_exact(m, x, tile_size=size),
+    ("encode", "fast"): lambda m, x, size, ov, t: encode_fast(m, x, tile_size=size, overlap=ov),
+}
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How to fit a model call in memory: the mode, the tile edge, the budget, the fast-mode overlap."""
+
+    mode: str = "auto"  # auto | off | exact | fast
+    tile_size: int | None = None  # tile edge in image pixels (None: the planner's choice)
+    max_memory: int | str | None = None  # budget, e.g. "2GiB" (None: what the device has free)
+    overlap: int | None = None  # fast mode: image pixels shared by neighbouring tiles (None: a quarter tile)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown tiling mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.tile_size is not None and self.tile_size < MIN_TILE_SIZE:
+            raise ConfigError(f"tile size {self.tile_size} is below the smallest, {MIN_TILE_SIZE} px")
+        if self.overlap is not None and self.overlap < 0:
+            raise ConfigError(f"tile overlap {self.overlap} must not be negative")
+        if self.max_memory is not None:
+            self.budget  # noqa: B018 - parse now, so a bad size is a ConfigError before any work
+
+    @property
+    def budget(self) -> int | None:
+        """The memory budget in bytes (None: what the device has free)."""
+        if self.max_memory is None:
+            return None
+        try:
+            return memory.parse_memory(self.max_memory)
+        except ValueError as err:
+            raise ConfigError(f"--max-memory: {err}") from None
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What runs for one call: the mode (off, exact or fast), the tile edge, and items per model call."""
+
+    mode: str
+    tile_size: int | None
+    batch_size: int
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "model", model)
+
+
+def downscale(model: torch.nn.Module) -> int:
+    """Spatial factor between image and latent of an AutoencodingEngine-like model."""
+    return 2 ** (_unwrap(model).encoder.num_resolutions - 1)
+
+
+def choose(model: torch.nn.Module, direction: str, batch: int, height: int, width: int, tiling: Tiling) -> Choice:
+    """The planner's choice for `batch` images of height x width pixels: untiled if it fits (auto), else exact, else fast."""
+    model = _unwrap(model)
+    if tiling.mode == "off":
+        return Choice("off", None, batch)
+    if tiling.mode != "auto" and tiling.tile_size is not None:
+        return Choice(tiling.mode, tiling.tile_size, batch)
+    weight = next(model.parameters())
+    *first, last = ("exact", "fast") if tiling.mode == "auto" else (tiling.mode,)
+    plan = None
+    for mode in first:  # exact when it fits; the last candidate's budget error is the one raised
+        with contextlib.suppress(MemoryBudgetError):
+            plan = memory.plan(model, direction, height, width, batch, weight.dtype, tiling.budget, weight.device, mode=mode)  # type: ignore[arg-type]
+            break
+    if plan is None:
+        mode = last
+        plan = memory.plan(model, direction, height, width, batch, weight.dtype, tiling.budget, weight.device, mode=mode)  # type: ignore[arg-type]
+    if plan.fits_untiled:
+        return Choice("off", None, plan.batch_size) if tiling.mode == "auto" else Choice(mode, max(height, width), plan.batch_size)
+    return Choice(mode, plan.tile, plan.batch_size)
 
 
 def _is_oom(err: BaseException) -> bool:
     """torch's out-of-memory error, or the CPU allocator's failure (a plain RuntimeError)."""
-    return isinstance(err, torch.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
-    )
+    return isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
 
 
-def _release(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+@contextlib.contextmanager
+def _attention_cap(tiling: Tiling) -> Iterator[None]:
+    """With a budget: attention treats at most the budget as free (the default backend becomes `auto`, which then picks)."""
+    if tiling.budget is None:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(attention.limit_attention_memory(tiling.budget))
+        if attention.current_attention() == "sdpa":  # the default: let `auto` fall back when the scores would not fit
+            stack.enter_context(attention.use_attention("auto"))
+        yield
 
 
-def _choose(
-    model: torch.nn.Module, op: str, mode: str, shape: tuple[int, int, int], dtype: torch.dtype,
-    max_memory: int | str | None, device: torch.device,
-) -> tuple[str, int | None, int]:
-    """(mode, tile, batch size) from the planner: untiled if it fits, else exact if it fits, else fast."""
-    batch, height, width = shape
-    *first, last = ("exact", "fast") if mode == "auto" else (mode,)
-    for tiled in first:  # exact when it fits; the last candidate's budget error is the one raised
-        try:
-            p = memory.plan(model, op, height, width, batch, dtype, max_memory, device, mode=tiled)  # type: ignore[arg-type]
-            break
-        except MemoryBudgetError:
-            continue
-    else:
-        tiled = last
-        p = memory.plan(model, op, height, width, batch, dtype, max_memory, device, mode=tiled)  # type: ignore[arg-type]
-    if p.fits_untiled:
-        return ("off" if mode == "auto" else mode), (None if mode == "auto" else max(height, width)), p.batch_size
-    return tiled, p.tile, p.batch_size
-
-
-def _run(
-    model: torch.nn.Module, op: str, data: torch.Tensor, *, mode: str, tile_size: int | None,
-    max_memory: int | str | None, frames: int, kw: dict[str, Any],
-) -> torch.Tensor:
+def _run(model: torch.nn.Module, direction: str, data: torch.Tensor, tiling: Tiling, frames: int, timesteps: int | None) -> torch.Tensor:
     """Plan, then run chunk by chunk (whole clips), halving the tile of a chunk that runs out of memory."""
-    if mode not in MODES:
-        raise InputError(f"unknown tiling mode {mode!r}; choose one of {', '.join(MODES)}")
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    data = data.to(device, dtype)
-    downscale = 2 ** (model.encoder.num_resolutions - 1)
-    scale = downscale if op == "decode" else 1
+    weight = next(model.parameters())
+    data = data.to(weight.device, weight.dtype)
+    f = downscale(model)
+    scale = f if direction == "decode" else 1
     height, width = data.shape[2] * scale, data.shape[3] * scale
-    min_tile = downscale * memory.TILE_STEP
-    if mode == "off" or (mode != "auto" and tile_size is not None):
-        chosen, tile, batch = mode, tile_size, data.shape[0]
-    else:
-        chosen, tile, batch = _choose(model, op, mode, (data.shape[0], height, width), dtype, max_memory, device)
-    batch = max(frames, batch // frames * frames)
+    min_tile = f * memory.TILE_STEP
+    choice = choose(model, direction, data.shape[0], height, width, tiling)
+    batch = max(frames, choice.batch_size // frames * frames)
     outputs = []
-    for chunk in torch.split(data, batch):
-        chunk_mode, chunk_tile = chosen, tile
-        while True:
-            try:
-                outputs.append(RUNNERS[(op, chunk_mode)](model, chunk, chunk_tile, kw))
-                break
-            except RuntimeError as err:  # torch.OutOfMemoryError is a RuntimeError; only out-of-memory is retried
-                if not _is_oom(err):
-                    raise
-                _release(device)
-                if chunk_tile is not None and chunk_tile <= min_tile:
-                    need = memory.estimate_tile_peak(model, op, min_tile, chunk.shape[0], dtype, "fast",  # type: ignore[arg-type]
-                                                     height=height, width=width, device=device)
-                    raise MemoryBudgetError(
-                        f"out of memory to {op} {width}x{height} images even with the smallest tile "
-                        f"({min_tile} px); it needs about {memory.format_bytes(need, round_up=True)} free"
-                    ) from None
-                if chunk_mode == "off":  # untiled did not fit after all: tile at half the image
-                    chunk_mode = "exact" if mode == "auto" else "fast"
-                    chunk_tile = max(height, width)
-                chunk_tile = max(min_tile, chunk_tile // 2 // min_tile * min_tile)
+    with _attention_cap(tiling):
+        for chunk in torch.split(data, batch):
+            mode, size = choice.mode, choice.tile_size
+            while True:
+                try:
+                    outputs.append(RUNNERS[(direction, mode)](model, chunk, size, tiling.overlap, timesteps))
+                    break
+                except RuntimeError as err:  # torch.OutOfMemoryError is a RuntimeError; only out-of-memory is retried
+                    if not _is_oom(err):
+                        raise
+                    if weight.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    if tiling.mode == "off" or (size is not None and size <= min_tile):
+                        need = memory.estimate_tile_peak(model, direction, min_tile, chunk.shape[0], weight.dtype, "fast",  # type: ignore[arg-type]
+                                                         height=height, width=width, device=weight.device)
+                        how = "untiled (--tile off)" if tiling.mode == "off" else f"even with the smallest tile ({min_tile} px)"
+                        raise MemoryBudgetError(
+                            f"out of memory to {direction} {width}x{height} images {how}; "
+                            f"the smallest fast tile needs about {memory.format_bytes(need, round_up=True)} free"
+                        ) from None
+                    if mode == "off":  # untiled did not fit after all: tile at half the image
+                        mode, size = "exact", max(height, width)
+                    size = max(min_tile, int(size or min_tile) // 2 // min_tile * min_tile)
     return torch.cat(outputs)
 
 
 @torch.inference_mode()
-def decode(
-    model: torch.nn.Module, z: torch.Tensor, *, tile: str = "auto", tile_size: int | None = None,
-    max_memory: int | str | None = None, overlap: int | None = None, timesteps: int | None = None,
-) -> torch.Tensor:
-    """Latent [B*T, z, h, w] -> image [B*T, 3, h*f, w*f] untiled, exact- or fast-tiled within `max_memory`."""
-    model = getattr(model, "model", model)
+def decode(model: torch.nn.Module, z: torch.Tensor, tiling: Tiling | None = None, *, timesteps: int | None = None) -> torch.Tensor:
+    """Raw latents [B*T, C, h, w] -> images [B*T, 3, h*f, w*f] (in the model's dtype), within the tiling's budget."""
+    model = _unwrap(model)
     frames = clip_frames(z.shape[0], timesteps, model)
-    kw = {"overlap": overlap, "timesteps": frames if isinstance(model.decoder, VideoDecoder) else None}
-    return _run(model, "decode", z, mode=tile, tile_size=tile_size, max_memory=max_memory, frames=frames, kw=kw)
+    temporal = frames if isinstance(model.decoder, VideoDecoder) else None
+    return _run(model, "decode", z, tiling or Tiling(), frames, temporal)
 
 
 @torch.inference_mode()
-def encode(
-    model: torch.nn.Module, x: torch.Tensor, *, tile: str = "auto", tile_size: int | None = None,
-    max_memory: int | str | None = None, overlap: int | None = None,
-) -> torch.Tensor:
-    """Image [B, 3, H, W] in [-1, 1] -> moments [B, 2z, H/f, W/f] untiled, exact- or fast-tiled within `max_memory`."""
-    model = getattr(model, "model", model)
-    return _run(model, "encode", x, mode=tile, tile_size=tile_size, max_memory=max_memory, frames=1,
-                kw={"overlap": overlap})
+def encode(model: torch.nn.Module, x: torch.Tensor, tiling: Tiling | None = None) -> torch.Tensor:
+    """Images [B, 3, H, W] in [-1, 1] -> moments [B, 2C, H/f, W/f] (mean, logvar), within the tiling's budget."""
+    return _run(_unwrap(model), "encode", x, tiling or Tiling(), 1, None)

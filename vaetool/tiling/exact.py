@@ -273,22 +273,23 @@ def _run_window(
     return outs
 
 
+def host_storage(model: torch.nn.Module) -> torch.device | None:
+    """Where exact mode keeps its full-size activations: host memory when the model is on an accelerator."""
+    device = next(model.parameters()).device
+    return None if device.type == "cpu" else torch.device("cpu")
+
+
 @torch.inference_mode()
-def decode_exact(
-    model: torch.nn.Module, z: torch.Tensor, tile: int = 512, *, timesteps: int | None = None,
-    storage: torch.device | str | None = None,
-) -> torch.Tensor:
-    """Latent [B*T, z, h, w] -> image [B*T, 3, h*f, w*f], tiles of `tile` image pixels, equal to untiled."""
+def decode_exact(model: torch.nn.Module, z: torch.Tensor, *, tile_size: int, timesteps: int | None = None) -> torch.Tensor:
+    """Latent [B*T, z, h, w] -> image [B*T, 3, h*f, w*f], tiles of `tile_size` image pixels, equal to untiled."""
     frames = clip_frames(z.shape[0], timesteps, model)
-    return run_program(decoder_program(model, frames), z, tile, storage=storage)
+    return run_program(decoder_program(model, frames), z, tile_size, storage=host_storage(model))
 
 
 @torch.inference_mode()
-def encode_exact(
-    model: torch.nn.Module, x: torch.Tensor, tile: int = 512, *, storage: torch.device | str | None = None
-) -> torch.Tensor:
-    """Image [B, 3, H, W] -> moments [B, 2z, H/f, W/f], tiles of `tile` image pixels, equal to untiled."""
-    return run_program(encoder_program(model), x, tile, storage=storage)
+def encode_exact(model: torch.nn.Module, x: torch.Tensor, *, tile_size: int) -> torch.Tensor:
+    """Image [B, 3, H, W] -> moments [B, 2z, H/f, W/f], tiles of `tile_size` image pixels, equal to untiled."""
+    return run_program(encoder_program(model), x, tile_size, storage=host_storage(model))
 
 
 def clip_frames(n: int, timesteps: int | None, model: torch.nn.Module) -> int:

@@ -29,7 +29,6 @@ import torch
 from vaetool.tiling.exact import Stats, clip_frames, run_program
 from vaetool.tiling.program import Program, WindowOp, decoder_program, encoder_program
 
-DEFAULT_TILE = 384  # image pixels between tile starts
 STATS_CROP = 2  # latent pixels per mosaic crop
 
 # PSNR (dB) of fast mode vs untiled, SD-sized random weights, from bench/bench_tiling.py
@@ -82,7 +81,7 @@ def ramp(length: int, left: int, right: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Span:
+class TileSpan:
     """One window along an axis: input [lo, hi), output [olo, ohi) and its blend weights."""
 
     lo: int
@@ -92,7 +91,7 @@ class Span:
     weight: torch.Tensor  # [ohi - olo]
 
 
-def _axis(n_in: int, n_out: int, tile: int, overlap: int, align: int, factor: float) -> list[Span]:
+def _axis(n_in: int, n_out: int, tile: int, overlap: int, align: int, factor: float) -> list[TileSpan]:
     wins = windows(n_in, tile, overlap, align)
     spans = []
     for i, (lo, hi) in enumerate(wins):
@@ -100,7 +99,7 @@ def _axis(n_in: int, n_out: int, tile: int, overlap: int, align: int, factor: fl
         ohi = n_out if hi == n_in else round(hi * factor)
         left = 0 if i == 0 else round(wins[i - 1][1] * factor) - olo
         right = 0 if i == len(wins) - 1 else ohi - round(wins[i + 1][0] * factor)
-        spans.append(Span(lo, hi, olo, ohi, ramp(ohi - olo, left, right)))
+        spans.append(TileSpan(lo, hi, olo, ohi, ramp(ohi - olo, left, right)))
     return spans
 
 
@@ -142,10 +141,11 @@ def _overlap(tile: int, overlap: int | None) -> int:
 
 @torch.inference_mode()
 def decode_fast(
-    model: torch.nn.Module, z: torch.Tensor, tile: int = DEFAULT_TILE, overlap: int | None = None, *,
-    timesteps: int | None = None, stats_pixels: int | None = None, stats_crop: int = STATS_CROP,
+    model: torch.nn.Module, z: torch.Tensor, *, tile_size: int, overlap: int | None = None, timesteps: int | None = None,
+    stats_pixels: int | None = None, stats_crop: int = STATS_CROP,
 ) -> torch.Tensor:
-    """Latent [B*T, z, h, w] -> image [B*T, 3, h*f, w*f]: tiles of `tile` image px (+ `overlap`, default tile/4)."""
+    """Latent [B*T, z, h, w] -> image [B*T, 3, h*f, w*f]: tiles of `tile_size` image px (+ `overlap`, default a quarter)."""
+    tile = tile_size
     program = decoder_program(model, clip_frames(z.shape[0], timesteps, model))
     f = round(program.factor)
     head, tail = program.split(_cut(program, True))
@@ -157,10 +157,11 @@ def decode_fast(
 
 @torch.inference_mode()
 def encode_fast(
-    model: torch.nn.Module, x: torch.Tensor, tile: int = DEFAULT_TILE, overlap: int | None = None, *,
+    model: torch.nn.Module, x: torch.Tensor, *, tile_size: int, overlap: int | None = None,
     stats_pixels: int | None = None, stats_crop: int = STATS_CROP,
 ) -> torch.Tensor:
-    """Image [B, 3, H, W] -> moments [B, 2z, H/f, W/f]: tiles of `tile` image px (+ `overlap`, default tile/4)."""
+    """Image [B, 3, H, W] -> moments [B, 2z, H/f, W/f]: tiles of `tile_size` image px (+ `overlap`, default a quarter)."""
+    tile = tile_size
     program = encoder_program(model)
     f = round(1 / program.factor)
     head, tail = program.split(_cut(program, False))

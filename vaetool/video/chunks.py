@@ -18,13 +18,13 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["DecodeFn", "Span", "blend_weights", "chunk_spans", "decode_chunks", "iter_decode_chunks", "validate_chunking"]
+__all__ = ["ChunkDecodeFn", "FrameSpan", "blend_weights", "chunk_spans", "decode_chunks", "iter_decode_chunks", "validate_chunking"]
 
 # latents [L, C, h, w] of L consecutive frames, L -> images [L, 3, H, W]
-DecodeFn = Callable[[torch.Tensor, int], torch.Tensor]
+ChunkDecodeFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
-class Span(NamedTuple):
+class FrameSpan(NamedTuple):
     """Frames [start, stop) of one chunk."""
 
     start: int
@@ -42,7 +42,7 @@ def validate_chunking(chunk_frames: int, overlap: int) -> None:
         raise ValueError(f"overlap must be between 0 and half of chunk_frames ({chunk_frames // 2}), got {overlap}")
 
 
-def chunk_spans(frames: int, chunk_frames: int, overlap: int = 0) -> list[Span]:
+def chunk_spans(frames: int, chunk_frames: int, overlap: int = 0) -> list[FrameSpan]:
     """Chunks of `chunk_frames` frames, each starting `chunk_frames - overlap` after the previous.
 
     The last chunk ends at `frames` and may be shorter, but always reaches more than `overlap`
@@ -55,7 +55,7 @@ def chunk_spans(frames: int, chunk_frames: int, overlap: int = 0) -> list[Span]:
     starts = [0]
     while starts[-1] + chunk_frames < frames:
         starts.append(starts[-1] + stride)
-    return [Span(s, min(s + chunk_frames, frames)) for s in starts]
+    return [FrameSpan(s, min(s + chunk_frames, frames)) for s in starts]
 
 
 def blend_weights(length: int, ramp_in: int, ramp_out: int) -> torch.Tensor:
@@ -74,7 +74,7 @@ def blend_weights(length: int, ramp_in: int, ramp_out: int) -> torch.Tensor:
 
 
 def iter_decode_chunks(
-    decode: DecodeFn, latents: torch.Tensor, chunk_frames: int, overlap: int = 0
+    decode: ChunkDecodeFn, latents: torch.Tensor, chunk_frames: int, overlap: int = 0
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Decode latents [T, C, h, w] chunk by chunk; yields (first frame index, finished frames [n, 3, H, W] float32).
 
@@ -102,7 +102,7 @@ def iter_decode_chunks(
         carry_num, carry_den = (num[keep:], den[keep:]) if shared_out else (None, None)
 
 
-def decode_chunks(decode: DecodeFn, latents: torch.Tensor, chunk_frames: int, overlap: int = 0) -> torch.Tensor:
+def decode_chunks(decode: ChunkDecodeFn, latents: torch.Tensor, chunk_frames: int, overlap: int = 0) -> torch.Tensor:
     """All frames [T, 3, H, W] float32 of `iter_decode_chunks`, concatenated."""
     parts = [frames for _, frames in iter_decode_chunks(decode, latents, chunk_frames, overlap)]
     if not parts:

@@ -1,0 +1,75 @@
+"""The `vaetool` Typer app: every command registered, and the one exception-to-message map at this edge."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import typer
+from rich.markup import escape
+
+from vaetool.cli import common, decode, encode, info, roundtrip, train, video
+from vaetool.errors import CheckpointError, ConfigError, UsageError, VaeToolError
+
+app = typer.Typer(
+    name="vaetool",
+    help="Images to latents and latents to images with the VAEs of latent-diffusion models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+USAGE = 2  # exit code of a usage error: a bad option, config, model name or checkpoint
+FAILED = 1  # exit code of a failed input or output
+# exception type -> (exit code, one-line message); the first match wins
+ERROR_MESSAGES: list[tuple[type[BaseException], int, Callable[[Any], str]]] = [
+    (UsageError, USAGE, str),
+    (ConfigError, USAGE, str),
+    (CheckpointError, USAGE, str),
+    (VaeToolError, FAILED, str),
+    (FileNotFoundError, FAILED, lambda e: f"{e.filename}: no such file"),
+    (PermissionError, FAILED, lambda e: f"{e.filename}: permission denied"),
+    (MemoryError, FAILED, lambda e: "out of memory; try --tile or a smaller --max-memory / --batch-size"),
+    (KeyboardInterrupt, 130, lambda e: "interrupted"),
+]
+
+
+def exit_and_message(err: BaseException) -> tuple[int, str]:
+    """The exit code and the one line to show for an error (anything unmapped is an internal error)."""
+    for kind, code, render in ERROR_MESSAGES:
+        if isinstance(err, kind):
+            return code, render(err)
+    return FAILED, f"internal error: {type(err).__name__}: {err} (run with --debug for the traceback)"
+
+
+def run_command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a command so errors print one line on stderr and exit with their code (tracebacks with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        common.state["debug"] = common.state["debug"] or bool(kwargs.get("debug"))
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except (Exception, KeyboardInterrupt) as err:  # the one place errors become messages
+            if common.state["debug"]:
+                raise
+            code, message = exit_and_message(err)
+            common.err_console.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(code) from None
+
+    return wrapper
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+) -> None:
+    """vaetool: encode, decode, roundtrip and inspect VAE models and latents."""
+    common.state["debug"] = debug
+
+
+for _module in (info, train, encode, decode, video, roundtrip):
+    app.command(_module.NAME, help=_module.HELP)(run_command(_module.command))

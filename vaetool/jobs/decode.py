@@ -1,0 +1,185 @@
+"""Decode latent files of every kind to PNG images: resumable, bad files skipped.
+
+Inputs are vaetool .safetensors (single or sharded), ComfyUI .latent, sd-scripts .npz, .npy and
+weights-only .pt files; a batch inside one file becomes name_0.png, name_1.png, ... Each latent is
+turned to raw form with the scale/shift its file records (else `scaled` with the model's family),
+decoded in batches of equal size (tiled when asked or needed), cropped to the recorded original
+size, and written as a PNG with its provenance in text chunks, atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vaetool.errors import InputError, OutputError, VaeToolError
+from vaetool.families import LatentFormat, get_family
+from vaetool.io.latent_item import LatentItem
+from vaetool.jobs.common import RunOptions, engine_options, png_text
+from vaetool.pipeline import Job, Loaded, Stages, Summary, run_pipeline
+from vaetool.precision import Fp32Fallback
+
+if TYPE_CHECKING:
+    from vaetool.api import Vae
+    from vaetool.io.inputs import InputFile
+
+__all__ = ["DecodeJob", "DecodeSettings", "decode_files", "jobs_from_files", "original_size", "to_raw"]
+
+SUFFIX = ".png"
+# what a file's metadata says about the form of its latents
+SCALED_WORDS: dict[str, bool] = {"scaled": True, "raw": False}
+SIZE_KEY = "original_size"  # vaetool metadata: [height, width] of the image before padding
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """What to write and how to read latents without metadata."""
+
+    out_dir: Path
+    scaled: bool | None = None  # the form of latents whose file does not say (None: raw)
+    bits: int = 8
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class DecodeJob(Job):
+    """One latent to decode (or the reason its file could not be read)."""
+
+    item: LatentItem | None = field(default=None, compare=False)
+    error: str | None = None
+
+
+def file_says_scaled(meta: dict[str, Any]) -> bool | None:
+    """Whether a file's metadata marks its latents scaled (True), raw (False), or does not say (None)."""
+    if isinstance(meta.get("scaled"), bool):
+        return meta["scaled"]
+    return SCALED_WORDS.get(str(meta.get("latent_format", "")).lower())
+
+
+def recorded_format(meta: dict[str, Any], fallback: LatentFormat, path: Path) -> LatentFormat:
+    """The scale/shift a file recorded (explicit numbers, else its family), else `fallback` (the model's)."""
+    if "scale" in meta:
+        try:
+            return LatentFormat(str(meta.get("family", "recorded")), fallback.channels, float(meta["scale"]), float(meta.get("shift", 0.0)))
+        except (TypeError, ValueError):
+            raise InputError(f"metadata scale/shift are not numbers: {meta['scale']!r}, {meta.get('shift')!r}", path) from None
+    if isinstance(meta.get("family"), str):
+        try:
+            return get_family(meta["family"])
+        except ValueError:
+            pass  # an unknown family name: the model's own format
+    return fallback
+
+
+def to_raw(item: LatentItem, vae: Vae, scaled_flag: bool | None) -> tuple[torch.Tensor, str]:
+    """The item's latent [C, h, w] in raw form and the form its file was in ("raw" or "scaled")."""
+    said = file_says_scaled(item.metadata)
+    scaled = said if said is not None else bool(scaled_flag)
+    if not scaled:
+        return item.latent, "raw"
+    fmt = recorded_format(item.metadata, vae.latent_format, item.source)
+    return fmt.to_raw(item.latent), "scaled"  # [C, h, w]
+
+
+def original_size(meta: dict[str, Any]) -> tuple[int, int] | None:
+    """The (height, width) of the image before padding, when the metadata records it."""
+    value = meta.get(SIZE_KEY)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value):
+        return int(value[0]), int(value[1])
+    return None
+
+
+def item_output(out_dir: Path, rel: PurePath, item: LatentItem) -> Path:
+    """out_dir / the input's folder / item name .png; InputError for names that would leave out_dir."""
+    name = PurePath(item.name)
+    if name.is_absolute() or ".." in name.parts or not name.parts:
+        raise InputError(f"latent name {item.name!r} cannot be an output file name", item.source)
+    return out_dir / rel.parent / f"{item.name}{SUFFIX}"
+
+
+def jobs_from_files(files: Sequence[InputFile], out_dir: Path) -> Iterator[DecodeJob]:
+    """Read each latent file (lazily, in order) into one job per latent; unreadable files become failed jobs."""
+    from vaetool.io.latents import load_latents
+
+    taken: dict[Path, str] = {}
+    for f in files:
+        try:
+            items = load_latents(f.path)
+        except VaeToolError as err:
+            yield DecodeJob(f.rel.as_posix(), f.path, None, error=err.problem)
+            continue
+        for item in items:
+            key = (f.rel.parent / item.name).as_posix()
+            try:
+                output = item_output(out_dir, f.rel, item)
+            except InputError as err:
+                yield DecodeJob(key, f.path, None, error=err.problem)
+                continue
+            if output in taken:
+                yield DecodeJob(key, f.path, None, error=f"its output {output} is also the output of {taken[output]}")
+                continue
+            taken[output] = f"{f.path} [{item.name}]"
+            yield DecodeJob(key, f.path, output, item=item)
+
+
+def decode_stages(vae: Vae, settings: DecodeSettings, run: RunOptions, fallback: Fp32Fallback) -> Stages[DecodeJob]:
+    """load: check and unscale one latent; compute: decode a batch; write: crop and save one PNG."""
+    from vaetool.io.images import crop_to, save_png
+    from vaetool.io.latents import check_channels
+
+    channels = vae.latent_format.channels
+    model_name = f"the model ({vae.latent_format.family})"
+    ignored: set[str] = set()
+    notice: Callable[[str], None] = run.on_notice or (lambda message: None)
+
+    def load(job: DecodeJob) -> Loaded:
+        if job.error is not None or job.item is None:
+            raise InputError(job.error or "nothing to decode", job.source)
+        check_channels(job.item, channels, model_name)
+        raw, form = to_raw(job.item, vae, settings.scaled)
+        said = file_says_scaled(job.item.metadata)
+        if settings.scaled is not None and said is not None and said != settings.scaled and form not in ignored:
+            ignored.add(form)
+            notice(f"{job.source}: the file says its latents are {form}; --{'scaled' if settings.scaled else 'raw'} "
+                   "is ignored for files that record their form")
+        text = png_text(vae, f"{job.source}" + ("" if job.item.name == job.source.stem else f" [{job.item.name}]"),
+                        **{"vaetool.latent_form": form})
+        return Loaded(raw, {"size": original_size(job.item.metadata), "text": text})
+
+    def compute(z: torch.Tensor, jobs: Sequence[DecodeJob]) -> torch.Tensor:
+        return fallback(lambda v: v.decode(z, tiling=run.tiling).float())  # [B, 3, H, W]
+
+    def write(job: DecodeJob, image: torch.Tensor, info: dict[str, Any]) -> Path:
+        size = info["size"]
+        if size is not None:
+            image = crop_to(image, size)  # [3, h0, w0]
+        output = Path(str(job.output))  # jobs without an output failed in load
+        try:
+            save_png(output, image, bits=settings.bits, text=info["text"], overwrite=settings.overwrite)
+        except VaeToolError as err:
+            raise OutputError(str(err)) from None  # the reason keeps the output's path
+        return output
+
+    return Stages(
+        load=load,
+        compute=compute,
+        write=write,
+        skip=lambda job: not settings.overwrite and job.output is not None and job.output.exists(),
+    )
+
+
+def decode_files(vae: Vae, files: Sequence[InputFile], settings: DecodeSettings, run: RunOptions | None = None) -> Summary:
+    """Decode every latent of `files` (InputFiles) to PNGs under settings.out_dir; bad ones fail alone."""
+    from vaetool.io.atomic import remove_stale_temps
+
+    run = run or RunOptions()
+    remove_stale_temps(settings.out_dir)  # temp files of killed runs
+    fallback = Fp32Fallback(vae, run.on_notice)
+    stages = decode_stages(vae, settings, run, fallback)
+    summary = run_pipeline(jobs_from_files(files, settings.out_dir), stages, engine_options(vae, "decode", run))
+    summary.fp32_retries = fallback.retries
+    return summary

@@ -1,0 +1,243 @@
+"""Encode image files to latent files: batched by size, resumable, rank-sharded under torchrun.
+
+One `.safetensors` per image mirroring the input tree under the output folder (or shards with an
+index when `shard_size` is set), a JSONL manifest, atomic writes (existing outputs are skipped, so
+a killed run resumes), bad files reported and skipped. Under torchrun each rank encodes
+inputs[rank::world] and writes manifest.rank{r}.jsonl; rank 0 merges the parts (`finish_ranks`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vaetool.jobs.common import RunOptions, engine_options
+from vaetool.pipeline import Event, Job, Loaded, LostWrites, Stages, Summary, run_pipeline
+from vaetool.precision import Fp32Fallback
+
+if TYPE_CHECKING:
+    from vaetool.api import Vae
+    from vaetool.io.inputs import InputFile
+    from vaetool.io.manifest import ManifestWriter
+
+__all__ = ["LATENT_SUFFIX", "EncodeSettings", "encode_files", "finish_ranks", "image_loader", "image_seed", "rank_and_world",
+           "run_metadata"]
+
+LATENT_SUFFIX = ".safetensors"
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """What `encode_files` writes: latent form, posterior mode or sample, where, and input handling."""
+
+    out_dir: Path
+    scaled: bool = False
+    sample: bool = False
+    seed: int = 0
+    shard_size: int | None = None
+    shard_prefix: str = "shard"
+    shard_index: str = "index.json"
+    overwrite: bool = False
+    alpha: str = "composite"  # composite over `background`, or drop
+    background: tuple[int, int, int] = (255, 255, 255)
+
+
+def image_seed(seed: int, key: str) -> int:
+    """The noise seed of one image, from --seed and its key only (batching and ranks never change it)."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def run_metadata(vae: Vae, settings: EncodeSettings) -> dict[str, Any]:
+    """Metadata shared by every latent of a run: model, latent format, posterior, dtype, version."""
+    from vaetool import __version__
+
+    fmt = vae.latent_format
+    meta: dict[str, Any] = {
+        "family": fmt.family,
+        "latent_format": "scaled" if settings.scaled else "raw",
+        "scaled": settings.scaled,
+        "scale": fmt.scale,
+        "shift": fmt.shift,
+        "downscale": fmt.downscale,
+        "checkpoint_sha256": vae.source.get("sha256") or ("random-weights" if vae.source.get("random_weights") else None),
+        "config": vae.source.get("config_name") or vae.source.get("config"),
+        "posterior": "sample" if settings.sample else "mode",
+        "dtype": str(vae.dtype).removeprefix("torch."),
+        "vaetool_version": __version__,
+    }
+    if settings.sample:
+        meta |= {"seed": settings.seed, "noise": "randn from torch.Generator().manual_seed(sha256(f'{seed}:{key}')[:8])"}
+    return meta
+
+
+def latents_of(vae: Vae, images: torch.Tensor, keys: Sequence[str], settings: EncodeSettings, run: RunOptions) -> torch.Tensor:
+    """Images [B, 3, H, W] -> float32 latents [B, C, h, w]: the posterior mode, or a sample seeded per image key."""
+    mean, logvar = vae.moments(images, tiling=run.tiling)  # [B, C, h, w] each
+    latents = mean.float()
+    if settings.sample:
+        noise = [torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(image_seed(settings.seed, k))) for k in keys]
+        latents = latents + torch.exp(0.5 * logvar.float()) * torch.stack(noise).to(latents.device)  # [B, C, h, w]
+    return vae.latent_format.to_scaled(latents) if settings.scaled else latents
+
+
+def image_loader(settings: EncodeSettings, multiple: int, pin: bool = False) -> Callable[[Job], Loaded]:
+    """The load stage: decode an image file, pad it (replicate) to a multiple of the downscale."""
+    from vaetool.io.images import load_image, pad_to_multiple
+
+    def load(job: Job) -> Loaded:
+        image = load_image(job.source, alpha=settings.alpha, background=settings.background)  # [3, H, W]
+        padded, (h, w) = pad_to_multiple(image, multiple, "replicate")  # [3, H', W']
+        pad = {"mode": "replicate", "bottom": padded.shape[-2] - h, "right": padded.shape[-1] - w}
+        info = {"original_size": [h, w], "padded_size": list(padded.shape[-2:]), "padding": pad}
+        return Loaded(padded.pin_memory() if pin else padded, info)
+
+    return load
+
+
+@dataclass(frozen=True)
+class Sink:
+    """Where latents go: `write` (writer thread), `exists` (skip on resume), `close` (write what is queued)."""
+
+    write: Callable[[Job, torch.Tensor, dict[str, Any]], Any]
+    exists: Callable[[Job], bool]
+    close: Callable[[], None]
+
+
+def _file_sink(settings: EncodeSettings, base: dict[str, Any], record: Callable[..., None]) -> Sink:
+    """One .safetensors per image."""
+    from vaetool.io.latents import save_latent
+
+    def write(job: Job, latent: torch.Tensor, info: dict[str, Any]) -> Path:
+        output = Path(str(job.output))
+        save_latent(output, latent, base | info | {"source": str(job.source), "key": job.key}, overwrite=settings.overwrite)
+        record(job, output, output.stat().st_size, info)
+        return output
+
+    return Sink(write, lambda job: not settings.overwrite and Path(str(job.output)).exists(), lambda: None)
+
+
+def _shard_sink(settings: EncodeSettings, base: dict[str, Any], record: Callable[..., None]) -> Sink:
+    """`shard_size` latents per shard file, with an index; items count as written once their shard is on disk."""
+    from vaetool.io.shards import ShardWriteError, ShardWriter, read_index
+
+    shards = ShardWriter(settings.out_dir, int(settings.shard_size or 1), prefix=settings.shard_prefix,
+                         index_name=settings.shard_index, overwrite=settings.overwrite)
+    done = shards.done_keys()
+    queued: list[tuple[Job, dict[str, Any]]] = []
+
+    def published() -> None:  # the queued items are now in a complete shard on disk
+        where = read_index(shards.index_path)["items"]
+        for job, info in queued:
+            record(job, settings.out_dir / where[job.key]["shard"], None, info)
+        queued.clear()
+
+    def write(job: Job, latent: torch.Tensor, info: dict[str, Any]) -> None:
+        queued.append((job, info))
+        try:
+            shards.add(job.key, latent, base | info | {"source": str(job.source)})
+        except ShardWriteError as err:  # the queued items, reported done, went down with the shard
+            earlier = [queued_job for queued_job, _ in queued[:-1]]
+            queued.clear()
+            raise LostWrites(err.problem, err.path, earlier) from err
+        if len(queued) >= int(settings.shard_size or 1):  # add() has written the shard
+            published()
+
+    def close() -> None:
+        shards.close()
+        published()
+
+    return Sink(write, lambda job: job.key in done, close)
+
+
+def latent_sink(settings: EncodeSettings, base: dict[str, Any], manifest: ManifestWriter | None) -> Sink:
+    """One .safetensors per image, or shards with an index (shard_size); each write is recorded in the manifest."""
+
+    def record(job: Job, output: Path, size: int | None, info: dict[str, Any]) -> None:
+        if manifest is not None:
+            manifest.record(job.source, output, "written", size=size, key=job.key, image_size=info["original_size"])
+
+    make = _file_sink if settings.shard_size is None else _shard_sink
+    return make(settings, base, record)
+
+
+def image_jobs(inputs: Sequence[InputFile], settings: EncodeSettings) -> list[Job]:
+    """One job per input image; its output mirrors the input tree under out_dir (none for shards)."""
+    from vaetool.io.inputs import output_path
+
+    per_file = settings.shard_size is None
+    return [Job(item.rel.as_posix(), item.path, output_path(item, settings.out_dir, LATENT_SUFFIX) if per_file else None)
+            for item in inputs]
+
+
+def encode_files(
+    vae: Vae,
+    inputs: Sequence[InputFile],
+    settings: EncodeSettings,
+    run: RunOptions | None = None,
+    *,
+    manifest: ManifestWriter | None = None,
+) -> Summary:
+    """Encode image files to latent files (skipping existing outputs); bad files fail alone. Returns the Summary."""
+    from vaetool.io.atomic import remove_stale_temps
+
+    run = run or RunOptions()
+    remove_stale_temps(settings.out_dir)  # temp files of killed runs
+    sink = latent_sink(settings, run_metadata(vae, settings), manifest)
+    fallback = Fp32Fallback(vae, run.on_notice)
+
+    def compute(images: torch.Tensor, jobs: Sequence[Job]) -> torch.Tensor:
+        keys = [j.key for j in jobs]
+        return fallback(lambda v: latents_of(v, images, keys, settings, run))
+
+    def on_event(event: Event) -> None:
+        if manifest is not None and event.kind != "done":
+            status = "failed" if event.kind == "failed" else "skipped"
+            output = event.job.output if status == "skipped" else None
+            manifest.record(event.job.source, output, status, error=event.reason, key=event.job.key)
+        if run.on_event is not None:
+            run.on_event(event)
+
+    stages = Stages(
+        load=image_loader(settings, vae.downscale, pin=vae.device.type == "cuda"),
+        compute=compute,
+        write=sink.write,
+        skip=sink.exists,
+    )
+    engine = replace(engine_options(vae, "encode", run), on_event=on_event)
+    try:
+        summary = run_pipeline(image_jobs(inputs, settings), stages, engine)
+    finally:
+        sink.close()
+    summary.fp32_retries = fallback.retries
+    return summary
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size from torchrun's environment ((0, 1) when not under it)."""
+    return int(os.environ.get("RANK", "0")), max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def finish_ranks(manifest: Path, rank: int, world: int, shard_dir: Path | None = None) -> None:
+    """Under torchrun: wait for every rank (a gloo barrier); rank 0 merges the manifest parts and shard indexes."""
+    if world == 1 or "MASTER_ADDR" not in os.environ:  # plain RANK/WORLD_SIZE: the parts stay
+        return
+    import torch.distributed as dist
+
+    from vaetool.io.manifest import merge_manifests
+    from vaetool.io.shards import merge_shard_indexes
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    dist.barrier()
+    if rank == 0:
+        merge_manifests(manifest)
+        if shard_dir is not None:
+            merge_shard_indexes(shard_dir)
+    dist.destroy_process_group()
