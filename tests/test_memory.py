@@ -170,3 +170,12 @@ def test_plan_budget_too_small_names_the_smallest_budget_that_works() -> None:
     assert memory.plan("sd1", "decode", 2048, 2048, max_memory=needed).tile == 64
     with pytest.raises(MemoryBudgetError):
         memory.plan("sd1", "decode", 2048, 2048, max_memory=needed - 2 * MiB)
+
+
+def test_plan_keeps_a_clip_together_by_tiling_it() -> None:
+    """min_batch frames that must run in one call are tiled together rather than split into untiled calls."""
+    untiled_2 = memory.estimate_peak("tiny-svd", "decode", 128, 128, 2)
+    free = memory.plan("tiny-svd", "decode", 128, 128, 4, max_memory=untiled_2)
+    assert free.fits_untiled and free.batch_size == 2
+    clip = memory.plan("tiny-svd", "decode", 128, 128, 4, max_memory=untiled_2, min_batch=4)
+    assert not clip.fits_untiled and clip.batch_size == 4 and clip.tile is not None and clip.estimate <= untiled_2

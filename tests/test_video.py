@@ -190,7 +190,7 @@ def test_low_memory_tiles_chunks_rather_than_cutting_them(monkeypatch: pytest.Mo
     weights = sum(t.numel() * t.element_size() for t in vae.model.parameters())
     mb = 1 << 20
 
-    def fake_plan(model, op, height, width, batch, dtype, max_memory, device, *, mode):  # 1 MiB/frame untiled, 10 kB/tile px tiled
+    def fake_plan(model, op, height, width, batch, dtype, max_memory, device, *, mode, min_batch=1):  # 1 MiB/frame, 10 kB/tile px
         budget = int(max_memory)
         fit = min(batch, (budget - weights) // mb)
         if fit >= 1:

@@ -124,8 +124,14 @@ def plan(
     mode: TileMode = "fast",
     margin: float = DEFAULT_MARGIN,
     attention: str | None = None,
+    min_batch: int = 1,
 ) -> Plan:
-    """Batch size and tile size (None: untiled) for an op within `max_memory` (default: free * margin)."""
+    """Batch size and tile size (None: untiled) for an op within `max_memory` (default: free * margin).
+
+    `min_batch`: items that must run in one call (the frames of a clip for a temporal decoder); when
+    fewer fit untiled, they are tiled together.
+    """
+    min_batch = max(1, min(min_batch, batch))
     device = torch.device(device)
     arch = architecture(model_or_cfg)
     budget = budget_for(model_or_cfg, max_memory, device, margin)
@@ -134,14 +140,14 @@ def plan(
     def untiled(b: int) -> int:
         return estimate_peak(arch, op, height, width, b, **kw)
 
-    best_batch = _largest(lambda b: untiled(b) <= budget, list(range(1, batch + 1)))
+    best_batch = _largest(lambda b: untiled(b) <= budget, list(range(min_batch, batch + 1)))
     if best_batch is not None:
         return Plan(True, None, best_batch, untiled(best_batch), budget)
 
     step = arch.downscale * TILE_STEP
     tiles = list(range(step, math.ceil(max(height, width) / step) * step + 1, step))
 
-    def tiled(t: int, b: int = 1) -> int:
+    def tiled(t: int, b: int = min_batch) -> int:
         return estimate_tile_peak(arch, op, t, b, mode=mode, height=height, width=width, **kw)
 
     tile = _largest(lambda t: tiled(t) <= budget, tiles)
@@ -151,7 +157,7 @@ def plan(
             f"{what} {format_bytes(budget)} is too small to {op} {width}x{height} images: "
             f"the smallest tile ({step} px, {mode} mode) needs {format_bytes(tiled(step), round_up=True)}"
         )
-    tile_batch = _largest(lambda b: tiled(tile, b) <= budget, list(range(1, batch + 1))) or 1
+    tile_batch = _largest(lambda b: tiled(tile, b) <= budget, list(range(min_batch, batch + 1))) or min_batch
     return Plan(False, tile, tile_batch, tiled(tile, tile_batch), budget)
 
 

@@ -98,8 +98,13 @@ def downscale(model: torch.nn.Module) -> int:
     return 2 ** (_unwrap(model).encoder.num_resolutions - 1)
 
 
-def choose(model: torch.nn.Module, direction: str, batch: int, height: int, width: int, tiling: Tiling) -> Choice:
-    """The planner's choice for `batch` images of height x width pixels: untiled if it fits (auto), else exact, else fast."""
+def choose(
+    model: torch.nn.Module, direction: str, batch: int, height: int, width: int, tiling: Tiling, *, frames: int = 1
+) -> Choice:
+    """The planner's choice for `batch` images of height x width pixels: untiled if it fits (auto), else exact, else fast.
+
+    `frames`: items that must run together (a temporal decoder's clip); they are tiled rather than split.
+    """
     model = _unwrap(model)
     if tiling.mode == "off":
         return Choice("off", None, batch)
@@ -110,11 +115,13 @@ def choose(model: torch.nn.Module, direction: str, batch: int, height: int, widt
     plan = None
     for mode in first:  # exact when it fits; the last candidate's budget error is the one raised
         with contextlib.suppress(MemoryBudgetError):
-            plan = memory.plan(model, direction, height, width, batch, weight.dtype, tiling.budget, weight.device, mode=mode)  # type: ignore[arg-type]
+            plan = memory.plan(model, direction, height, width, batch, weight.dtype, tiling.budget, weight.device, mode=mode,  # type: ignore[arg-type]
+                               min_batch=frames)
             break
     if plan is None:
         mode = last
-        plan = memory.plan(model, direction, height, width, batch, weight.dtype, tiling.budget, weight.device, mode=mode)  # type: ignore[arg-type]
+        plan = memory.plan(model, direction, height, width, batch, weight.dtype, tiling.budget, weight.device, mode=mode,  # type: ignore[arg-type]
+                           min_batch=frames)
     if plan.fits_untiled:
         return Choice("off", None, plan.batch_size) if tiling.mode == "auto" else Choice(mode, max(height, width), plan.batch_size)
     return Choice(mode, plan.tile, plan.batch_size)
@@ -146,7 +153,7 @@ def _run(model: torch.nn.Module, direction: str, data: torch.Tensor, tiling: Til
     scale = f if direction == "decode" else 1
     height, width = data.shape[2] * scale, data.shape[3] * scale
     min_tile = f * memory.TILE_STEP
-    choice = choose(model, direction, data.shape[0], height, width, tiling)
+    choice = choose(model, direction, data.shape[0], height, width, tiling, frames=frames)
     batch = max(frames, choice.batch_size // frames * frames)
     outputs = []
     with _attention_cap(tiling):
