@@ -29,7 +29,6 @@ __all__ = [
 ]
 
 SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
-PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 # where the VAE lives inside a file, in order of preference
 VAE_PREFIXES = ("", "first_stage_model.", "vae.", "model.", "conditioner.embedders.1.encoder.")
 VAE_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
