@@ -119,7 +119,7 @@ def test_output_is_cropped_to_the_recorded_size_and_carries_its_provenance(runne
     assert _close(_pixels(png), _expected(vae, raw, (11, 19)))
     text = read_png_text(png)
     assert text["vaetool.source"] == str(lat / "img.safetensors")
-    assert json.loads(text["vaetool.model"]) == {"config": "tiny-f8", "family": "sd1", "sha256": "random-weights"}
+    assert json.loads(text["vaetool.model"]) == {"config": "tiny-f8", "family": "sd1", "sha256": "random-weights", "random_weights": True}
     assert text["vaetool.version"]
     assert read_ihdr(png)[2] == 8
     result = _decode(runner, str(lat), "-o", str(tmp_path / "deep"), "--16bit", *MODEL)

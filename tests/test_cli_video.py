@@ -242,6 +242,6 @@ def test_nan_in_fp32_too_is_an_error_naming_the_input(runner, tmp_path: Path, mo
     result = _invoke(runner, "roundtrip", frames, "-o", tmp_path / "out", *MODEL, "--dtype", "bf16")
     assert result.exit_code == 1
     assert str(frames) in result.stderr and "has NaN/inf values" in result.stderr
-    assert [line for line in result.stderr.splitlines() if not line.startswith("note: ")] == [
+    assert [line for line in result.stderr.splitlines() if not line.startswith(("note: ", "warning: tiny-svd: random"))] == [
         f"error: {frames}: the model's output for frames 0-6 has NaN/inf values"]
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []

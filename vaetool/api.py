@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,12 +12,16 @@ import torch
 
 from vaetool import tiling as tiled
 from vaetool.config import instantiate_from_config, load_vae_config
-from vaetool.errors import ConfigError
+from vaetool.errors import ConfigError, UsageError
 from vaetool.families import LatentFormat, get_family
 from vaetool.nn.autoencoder import AutoencodingEngine
 from vaetool.tiling import Tiling
 
 DEFAULT_MODEL = "mini"
+
+
+class RandomWeightsWarning(UserWarning):
+    """A model was built with random weights (a test model, or random_weights=True)."""
 
 
 @dataclass
@@ -117,8 +122,13 @@ def load_vae(
     overrides: list[str] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    random_weights: bool = False,
 ) -> Vae:
-    """Build a VAE from a config (shipped name or YAML) and/or a checkpoint; the default model if neither."""
+    """Build a VAE from a config (shipped name or YAML) and/or a checkpoint; the default model if neither.
+
+    A config without weights is an error unless it is a test model (`test_model: true`) or
+    `random_weights=True` asks for random weights; those are then recorded in `vae.source`.
+    """
     from vaetool.checkpoints import load_checkpoint, load_into
 
     if config is None and checkpoint is None:
@@ -133,7 +143,14 @@ def load_vae(
         torch.manual_seed(0)  # a config without weights gets the same random weights in every process
         model = instantiate_from_config(model_cfg)
     if loaded is None:
+        if not random_weights and not (vcfg is not None and vcfg.test_model):
+            raise UsageError(
+                f"{config}: no weights: this config names no checkpoint; give them with --checkpoint FILE "
+                "(Python: checkpoint=...), or ask for random weights with --random-weights (random_weights=True) for a test run"
+            )
         source["random_weights"] = True
+        warnings.warn(f"{config}: random weights: the outputs mean nothing (they are marked random_weights: true)",
+                      RandomWeightsWarning, stacklevel=2)
     else:
         load_into(model, loaded.state_dict, loaded.path)
         source |= {"checkpoint": str(loaded.path), "sha256": loaded.sha256, "layout": loaded.layout, "ema": loaded.used_ema}

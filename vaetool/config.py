@@ -144,6 +144,7 @@ class VaeConfig:
     latent_format: LatentFormat | None
     source: str
     checkpoint: Path | None = None
+    test_model: bool = False  # `test_model: true`: random weights are this config's purpose (tiny-* configs)
 
 
 def _checkpoint_path(doc: dict[str, Any], source: str) -> Path | None:
@@ -190,7 +191,10 @@ def extract_vae_config(doc: dict[str, Any], source: str = "<config>") -> VaeConf
     if not isinstance(vae, dict) or "target" not in vae:
         raise ConfigError("first_stage_config has no 'target'", source)
     fmt = _latent_format(doc, params if vae is not model else {}, source)
-    return VaeConfig(model=vae, latent_format=fmt, source=source, checkpoint=_checkpoint_path(doc, source))
+    test_model = doc.get("test_model", False)
+    if not isinstance(test_model, bool):
+        raise ConfigError(f"test_model must be true or false, got {test_model!r}", source)
+    return VaeConfig(model=vae, latent_format=fmt, source=source, checkpoint=_checkpoint_path(doc, source), test_model=test_model)
 
 
 def load_vae_config(name_or_path: str | Path, overrides: list[str] | None = None) -> VaeConfig:

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 if TYPE_CHECKING:
+    from vaetool.api import Vae
     from vaetool.jobs.common import ModelSpec, RunOptions
     from vaetool.pipeline import Event, Summary
 
@@ -100,6 +101,10 @@ FamilyOpt = Annotated[
                  rich_help_panel=MODEL_PANEL),
 ]
 EmaOpt = Annotated[bool, typer.Option("--ema", help="Use the EMA weights of a training checkpoint.", rich_help_panel=MODEL_PANEL)]
+RandomWeightsOpt = Annotated[
+    bool, typer.Option("--random-weights", help="Build random weights for a config that names none (test runs only: the outputs "
+                       "mean nothing and are marked so).", rich_help_panel=MODEL_PANEL)
+]
 DeviceOpt = Annotated[
     Device, typer.Option("--device", help="auto picks cuda, then mps, then cpu.", case_sensitive=False, rich_help_panel=COMPUTE_PANEL)
 ]
@@ -142,12 +147,29 @@ FailFastOpt = Annotated[bool, typer.Option("--fail-fast", help="Stop at the firs
 
 def model_spec(
     config: str | None, checkpoint: Path | None, model: str | None, family: str | None, ema: bool, device: Device, dtype: Dtype,
-    attention: str | None,
+    attention: str | None, random_weights: bool = False,
 ) -> ModelSpec:
     """The ModelSpec of the model options every command takes."""
     from vaetool.jobs.common import ModelSpec
 
-    return ModelSpec(config, checkpoint, model, family, ema, device.value, dtype.value, attention)
+    return ModelSpec(config, checkpoint, model, family, ema, device.value, dtype.value, attention, random_weights)
+
+
+def load(spec: ModelSpec) -> Vae:
+    """Load the model a command names; random weights are said on stderr, once, in one line."""
+    import warnings
+
+    from vaetool.api import RandomWeightsWarning
+    from vaetool.jobs.common import load_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)  # said below, in the command's words
+        vae = load_model(spec)
+    if vae.source.get("random_weights"):
+        name = vae.source.get("config_name") or vae.source.get("config")
+        say(f"warning: {name}: random weights (a test model or --random-weights): the outputs mean nothing and are "
+            "marked random_weights: true")
+    return vae
 
 
 def run_options(

@@ -25,12 +25,14 @@ from vaetool.cli.common import (
     MaxMemoryOpt,
     ModelOpt,
     QuietOpt,
+    RandomWeightsOpt,
     RecursiveOpt,
     Reporter,
     TileMode,
     TileOpt,
     TileSizeOpt,
     VerboseOpt,
+    load,
     model_spec,
     print_summary,
     run_options,
@@ -59,6 +61,7 @@ def command(
     model: ModelOpt = None,
     family: FamilyOpt = None,
     ema: EmaOpt = False,
+    random_weights: RandomWeightsOpt = False,
     device: DeviceOpt = Device.auto,
     dtype: DtypeOpt = Dtype.auto,
     attention: AttentionOpt = None,
@@ -74,16 +77,16 @@ def command(
     """Decode latent files to PNG images."""
     from vaetool.io.inputs import collect_inputs
     from vaetool.io.latents import LATENT_SUFFIXES
-    from vaetool.jobs import DecodeSettings, attention_scope, decode_files, load_model
+    from vaetool.jobs import DecodeSettings, attention_scope, decode_files
 
     if not inputs and files_from is None:
         raise UsageError("give latent files, folders or globs (or --files-from LIST)")
-    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention)
+    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, random_weights)
     run_options(tile, tile_size, max_memory, batch_size)  # check the compute options before any work
     files = collect_inputs(inputs or [], recursive=recursive, files_from=files_from, suffixes=LATENT_SUFFIXES)
     if not files:
         raise InputError(f"no latent files ({', '.join(LATENT_SUFFIXES)}) found", " ".join(inputs or [files_from or ""]))
-    vae = load_model(spec)
+    vae = load(spec)
     settings = DecodeSettings(output, scaled, 16 if bits16 else 8, overwrite)
     with Reporter(None, quiet=quiet, verbose=verbose, label="decoding") as reporter:
         run = run_options(tile, tile_size, max_memory, batch_size, fail_fast=fail_fast, reporter=reporter)

@@ -26,12 +26,14 @@ from vaetool.cli.common import (
     MaxMemoryOpt,
     ModelOpt,
     QuietOpt,
+    RandomWeightsOpt,
     RecursiveOpt,
     Reporter,
     TileMode,
     TileOpt,
     TileSizeOpt,
     VerboseOpt,
+    load,
     model_spec,
     print_summary,
     run_options,
@@ -88,6 +90,7 @@ def command(
     model: ModelOpt = None,
     family: FamilyOpt = None,
     ema: EmaOpt = False,
+    random_weights: RandomWeightsOpt = False,
     device: DeviceOpt = Device.auto,
     dtype: DtypeOpt = Dtype.auto,
     attention: AttentionOpt = None,
@@ -104,12 +107,12 @@ def command(
     from vaetool.io.inputs import collect_inputs
     from vaetool.io.manifest import ManifestWriter, rank_manifest_path
     from vaetool.io.shards import rank_index_name
-    from vaetool.jobs import EncodeSettings, attention_scope, encode_files, load_model, prepare_output
+    from vaetool.jobs import EncodeSettings, attention_scope, encode_files, prepare_output
     from vaetool.jobs.encode import finish_ranks, rank_and_world
 
     if not inputs and files_from is None:
         raise UsageError("give image files, folders or globs, or --files-from LIST")
-    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention)
+    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, random_weights)
     run_options(tile, tile_size, max_memory, batch_size)  # check the compute options before any work
     rank, world = rank_and_world()
     settings = EncodeSettings(
@@ -118,10 +121,10 @@ def command(
         shard_prefix="shard" if world == 1 else f"rank{rank}", shard_index="index.json" if world == 1 else rank_index_name(rank),
     )
     mine = collect_inputs(inputs or [], recursive=recursive, files_from=files_from)[rank::world]
+    vae = load(spec)
     prepare_output(output)
     manifest_path = manifest or output / "manifest.jsonl"
     part = rank_manifest_path(manifest_path, rank) if world > 1 else manifest_path
-    vae = load_model(spec)
     label = "encoding" if world == 1 else f"rank {rank}/{world}"
     with ManifestWriter(part) as records, Reporter(len(mine), quiet=quiet, verbose=verbose, label=label) as reporter:
         run = run_options(tile, tile_size, max_memory, batch_size, workers=workers, fail_fast=fail_fast, reporter=reporter)

@@ -30,6 +30,7 @@ from vaetool.cli.common import (
     MaxMemoryOpt,
     ModelOpt,
     QuietOpt,
+    RandomWeightsOpt,
     RecursiveOpt,
     Reporter,
     TileMode,
@@ -37,6 +38,7 @@ from vaetool.cli.common import (
     TileSizeOpt,
     VerboseOpt,
     console,
+    load,
     model_spec,
     run_options,
     say,
@@ -126,6 +128,7 @@ def command(
     model: ModelOpt = None,
     family: FamilyOpt = None,
     ema: EmaOpt = False,
+    random_weights: RandomWeightsOpt = False,
     device: DeviceOpt = Device.auto,
     dtype: DtypeOpt = Dtype.auto,
     attention: AttentionOpt = None,
@@ -141,7 +144,7 @@ def command(
     """Round-trip images through the VAE and report (or check) the quality."""
     from vaetool import report
     from vaetool.io.inputs import collect_inputs
-    from vaetool.jobs import RoundtripSettings, attention_scope, build_report, load_model, roundtrip_files
+    from vaetool.jobs import RoundtripSettings, attention_scope, build_report, roundtrip_files
 
     if not inputs and files_from is None:
         raise UsageError("give image files, folders or globs (or --files-from LIST)")
@@ -152,10 +155,10 @@ def command(
     defaults = (limits.min_psnr, limits.min_ssim, limits.max_diff)
     limits = Thresholds(*(g if g is not None else d for g, d in zip(given, defaults, strict=True)))
     settings = RoundtripSettings(output, golden, update_golden, limits)
-    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention)
+    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, random_weights)
     run_options(tile, tile_size, max_memory, batch_size)  # check the compute options before any work
     files = collect_inputs(inputs or [], recursive=recursive, files_from=files_from)
-    vae = load_model(spec)
+    vae = load(spec)
     with Reporter(len(files), quiet=quiet, verbose=verbose, label="round trip") as reporter:
         run = run_options(tile, tile_size, max_memory, batch_size, fail_fast=fail_fast, reporter=reporter)
         with attention_scope(spec.attention):

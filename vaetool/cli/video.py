@@ -25,9 +25,11 @@ from vaetool.cli.common import (
     MaxMemoryOpt,
     ModelOpt,
     QuietOpt,
+    RandomWeightsOpt,
     TileMode,
     TileOpt,
     TileSizeOpt,
+    load,
     model_spec,
     run_options,
     say,
@@ -81,6 +83,7 @@ def command(
     model: ModelOpt = None,
     family: FamilyOpt = None,
     ema: EmaOpt = False,
+    random_weights: RandomWeightsOpt = False,
     device: DeviceOpt = Device.auto,
     dtype: DtypeOpt = Dtype.auto,
     attention: AttentionOpt = None,
@@ -93,16 +96,16 @@ def command(
     debug: Debug = False,
 ) -> None:
     """Encode a video to latents, decode latents to a video, or both."""
-    from vaetool.jobs import VideoAction, VideoSettings, attention_scope, load_model, run_video
+    from vaetool.jobs import VideoAction, VideoSettings, attention_scope, run_video
     from vaetool.jobs.video import check_outputs
 
     job = VideoAction(action.value)
     check_outputs(job, output, overwrite)
-    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention)
+    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, random_weights)
     tiling = run_options(tile, tile_size, max_memory, batch_size).tiling
     settings = VideoSettings(fps=fps, resize=resize, chunk_frames=chunk_frames, overlap=overlap, scaled=scaled, overwrite=overwrite,
                              batch_size=batch_size, tiling=tiling)
-    vae = load_model(spec)
+    vae = load(spec)
     muted = quiet  # notes go to stderr, so --json output stays clean without muting them
     with attention_scope(spec.attention):
         summary = run_video(job, vae, input_path, output, settings,

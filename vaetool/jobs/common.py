@@ -39,6 +39,7 @@ class ModelSpec:
     device: str = "auto"
     dtype: str = "auto"
     attention: str | None = None  # backend name; None or "auto": the default
+    random_weights: bool = False  # a config without weights builds random ones (only for test runs)
 
 
 def load_model(spec: ModelSpec) -> Vae:
@@ -53,7 +54,8 @@ def load_model(spec: ModelSpec) -> Vae:
         config = DEFAULT_MODEL
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
-    vae = load_vae(config, spec.checkpoint, family=spec.family, ema=spec.ema, device=device, dtype=dtype)
+    vae = load_vae(config, spec.checkpoint, family=spec.family, ema=spec.ema, device=device, dtype=dtype,
+                   random_weights=spec.random_weights)
     vae.source.setdefault("config_name", config)
     return vae
 
@@ -131,6 +133,7 @@ def model_text(vae: Vae) -> str:
         "checkpoint": src.get("checkpoint"),
         "sha256": src.get("sha256") or ("random-weights" if src.get("random_weights") else None),
         "family": vae.latent_format.family,
+        "random_weights": True if src.get("random_weights") else None,
     }
     return json.dumps({k: v for k, v in fields.items() if v is not None}, sort_keys=True)
 

@@ -72,6 +72,8 @@ def run_metadata(vae: Vae, settings: EncodeSettings) -> dict[str, Any]:
         "dtype": str(vae.dtype).removeprefix("torch."),
         "vaetool_version": __version__,
     }
+    if vae.source.get("random_weights"):
+        meta["random_weights"] = True
     if settings.sample:
         meta |= {"seed": settings.seed, "noise": "randn from torch.Generator().manual_seed(sha256(f'{seed}:{key}')[:8])"}
     return meta

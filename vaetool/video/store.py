@@ -27,7 +27,8 @@ def video_metadata(vae: Vae, *, fps: float, frames: int, size: tuple[int, int], 
 
     fmt = vae.latent_format
     sha = vae.source.get("sha256") or ("random-weights" if vae.source.get("random_weights") else None)
-    return {
+    extra = {"random_weights": True} if vae.source.get("random_weights") else {}
+    return extra | {
         "kind": VIDEO_KIND,
         "fps": float(fps),
         "frames": int(frames),
