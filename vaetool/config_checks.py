@@ -128,7 +128,7 @@ def check_vae(vae: Any, targets: dict[str, str], source: str, key: str = "") -> 
     name = target_class(vae, targets, source, key, VAE_CLASSES)
     params = vae.get("params") or {}
     pkey = _join(key, "params")
-    _check_rules(params, ENGINE_RULES, source, pkey)
+    _check_rules(params, ENGINE_RULES if name == "AutoencodingEngine" else ENGINE_RULES | {"embed_dim": POSITIVE}, source, pkey)
     if name == "AutoencodingEngine":
         for sub in ("encoder_config", "decoder_config"):
             if sub not in params:
@@ -142,7 +142,6 @@ def check_vae(vae: Any, targets: dict[str, str], source: str, key: str = "") -> 
         for sub in ("embed_dim", "ddconfig"):
             if sub not in params:
                 raise ConfigError(f"{_join(pkey, sub)} is missing", source)
-        _check_rules(params, {"embed_dim": POSITIVE}, source, pkey)
         coders = [(params["ddconfig"], _join(pkey, "ddconfig"), True)]
     weights = sum(_coder_weights(p, source, k, decoder) for p, k, decoder in coders)
     if weights > MAX_MODEL_PARAMS:

@@ -161,7 +161,7 @@ def _decode_png16(path: Path, max_pixels: int) -> tuple[np.ndarray, bytes | None
     try:
         png = png16.read_png16(path, max_pixels)
     except png16.PngFormatError as err:
-        raise InputError(str(err), path) from None
+        raise InputError(err.problem, path) from None
     a = png.pixels.astype(np.float32) / 65535.0  # [H, W, C]
     if png.color_type in (0, 4):  # gray (+ alpha) -> RGB (+ alpha)
         a = np.concatenate([_gray(a[..., 0]), a[..., 1:]], axis=2)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vaetool.errors import InputError
 from vaetool.limits import MAX_PIXELS
 
 __all__ = ["Png16", "PngFormatError", "check_text_key", "read_ihdr", "read_png16", "write_png16"]
@@ -30,7 +31,7 @@ COLOR_TYPES = {v: k for k, v in CHANNELS.items()}
 MAX_CHUNK = 2**31 - 1
 
 
-class PngFormatError(ValueError):
+class PngFormatError(InputError, ValueError):
     """A PNG stream that is truncated, corrupt, or uses a feature this reader does not handle."""
 
 

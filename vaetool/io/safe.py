@@ -106,9 +106,16 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
 
     The library lays out the data (sorted by dtype and name) but writes its JSON header in hash
     order, which differs from run to run; the header is rewritten with sorted keys, padded with
-    spaces to the 8-byte alignment the format keeps.
+    spaces to the 8-byte alignment the format keeps. Tensors sharing storage (views of one batch)
+    are copied, as the library refuses them.
     """
-    blob = safetensors.torch.save(tensors, metadata=metadata)
+    storages: set[int] = set()
+    own = {}
+    for key, tensor in tensors.items():  # views of one batch share storage, which the library refuses
+        ptr = tensor.untyped_storage().data_ptr()
+        own[key] = tensor.clone() if ptr in storages else tensor
+        storages.add(ptr)
+    blob = safetensors.torch.save(own, metadata=metadata)
     n = int.from_bytes(blob[:8], "little")
     header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     header += b" " * (-len(header) % 8)
