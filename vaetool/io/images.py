@@ -187,15 +187,16 @@ def _decode_pillow(im: Image.Image, path: Path) -> np.ndarray:
         raise InputError(f"truncated or corrupt {im.format} image: {first_line(err)}", path) from None
 
 
-def _orientation(exif: Image.Exif | bytes | None) -> int:
-    """The EXIF orientation (1 = upright) from Pillow's parsed EXIF or a raw eXIf chunk."""
+def _orientation(source: Image.Image | bytes | None) -> int:
+    """The EXIF orientation (1 = upright) of a Pillow image or a raw eXIf chunk; 1 when its EXIF is unreadable."""
     try:
-        if isinstance(exif, bytes):
-            tags = Image.Exif()
-            tags.load(exif)
-            exif = tags
-        return 1 if exif is None else int(exif.get(ORIENTATION_TAG, 1))
-    except Exception:
+        if isinstance(source, Image.Image):
+            exif = source.getexif()
+        else:
+            exif = Image.Exif()
+            exif.load(source or b"")
+        return int(exif.get(ORIENTATION_TAG, 1))
+    except Exception:  # Pillow's EXIF parser raises many types on damaged data; viewers ignore it too
         return 1
 
 
@@ -213,14 +214,15 @@ def load_image(
         raise InputError("is a directory, not an image" if path.is_dir() else "no such file", path)
     if path.stat().st_size == 0:
         raise InputError("empty file (0 bytes)", path)
+    exif_source: Image.Image | bytes | None
     with _open(path, max_pixels) as im:
         header = png16.read_ihdr(path) if im.format == "PNG" else None
         if header is not None and header[2] == 16:  # Pillow would keep only 8 bits (interlaced or not)
-            a, exif = _decode_png16(path, max_pixels)
+            a, exif_source = _decode_png16(path, max_pixels)
         else:
             a = _decode_pillow(im, path)
-            exif = im.getexif()
-        orientation = _orientation(exif)
+            exif_source = im
+        orientation = _orientation(exif_source)
     a = ORIENTATIONS.get(orientation, lambda x: x)(a)  # [H, W, 3 or 4]
     rgb = a[..., :3]
     if a.shape[2] == 4 and alpha == "composite":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -104,7 +105,9 @@ def _check_npy_header(f: IO[bytes], available: int, path: Path, what: str) -> No
         if read_header is None:
             raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
         shape, _, dtype = read_header(f)
-    except (ValueError, SyntaxError, TypeError, OverflowError, EOFError) as err:
+    except OSError:
+        raise
+    except Exception as err:  # numpy parses the header with tokenize and literal_eval, which raise many types
         raise InputError(f"corrupt .npy header{what}: {first_line(err)}", path) from None
     if dtype.hasobject:
         raise InputError(f"holds pickled objects{what}; refusing to load them", path)
@@ -140,8 +143,8 @@ def _load_npz(path: Path) -> list[LatentItem]:
         if "pickle" in str(err):
             raise InputError("holds pickled objects; refusing to load them", path) from None
         raise InputError(f"corrupt .npz file: {first_line(err)}", path) from None
-    except (OSError, zipfile.BadZipFile, EOFError, zipfile.LargeZipFile, NotImplementedError) as err:
-        raise InputError(f"truncated or corrupt .npz file: {first_line(err)}", path) from None
+    except (OSError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, NotImplementedError, RuntimeError) as err:
+        raise InputError(f"truncated or corrupt .npz file: {first_line(err)}", path) from None  # RuntimeError: encrypted
     found = sorted((k, m) for k in arrays if (m := NPZ_LATENTS.match(k)))
     if not found:
         if len(arrays) == 1:  # np.savez(path, array)
