@@ -33,7 +33,7 @@ from vaetool.io.safe import read_safetensors, safetensors_header, write_safetens
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = int(os.environ.get("VAETOOL_FUZZ_EXAMPLES", "0"))  # a longer, random run: VAETOOL_FUZZ_EXAMPLES=5000
-FUZZ = settings(max_examples=EXAMPLES or 150, deadline=None, derandomize=not EXAMPLES, database=None,
+FUZZ = settings(max_examples=EXAMPLES or 100, deadline=None, derandomize=not EXAMPLES, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
