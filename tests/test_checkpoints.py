@@ -24,7 +24,7 @@ from vaetool.checkpoints import (
     read_state_dict,
     to_original,
 )
-from vaetool.errors import CheckpointError
+from vaetool.errors import CheckpointError, ConfigError
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -491,7 +491,7 @@ def test_norm_groups_parity_with_diffusers() -> None:
         mean = model.encode_moments(x).chunk(2, dim=1)[0]
         torch.testing.assert_close(mean, ref.encode(x).latent_dist.mean, atol=1e-4, rtol=0)
         torch.testing.assert_close(model.decode(mean), ref.decode(mean).sample, atol=1e-4, rtol=0)
-    with pytest.raises(ValueError, match="norm_groups 24 does not divide"):
+    with pytest.raises(ConfigError, match="cannot build vaetool.Encoder: norm_groups 24 does not divide"):
         instantiate_from_config(config | {"params": config["params"] | {"encoder_config": {
             "target": "vaetool.Encoder", "params": config["params"]["encoder_config"]["params"] | {"norm_groups": 24}}}})
 

@@ -31,8 +31,8 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def _filtered_png16(samples: np.ndarray) -> bytes:
-    """A 16-bit PNG of uint16 [H, W, C] whose rows cycle through all five filter types (test-side encoder)."""
+def _filter_rows(samples: np.ndarray, first_kind: int = 0) -> bytes:
+    """uint16 [H, W, C] -> filtered scanlines whose filter types cycle through all five (test-side encoder)."""
     h, w, c = samples.shape
     bpp = 2 * c
     rows = samples.astype(">u2").view(np.uint8).reshape(h, w * bpp).astype(np.int64)
@@ -45,11 +45,22 @@ def _filtered_png16(samples: np.ndarray) -> bytes:
         p = left + up - upleft
         pa, pb, pc = abs(p - left), abs(p - up), abs(p - upleft)
         paeth = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
-        kind = y % 5
+        kind = (y + first_kind) % 5
         pred = [np.zeros_like(cur), left, up, (left + up) // 2, paeth][kind]
         out.append(bytes([kind]) + ((cur - pred) % 256).astype(np.uint8).tobytes())
-    ihdr = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
-    return (png16.SIGNATURE + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"".join(out)))
+    return b"".join(out)
+
+
+ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1))
+
+
+def _filtered_png16(samples: np.ndarray, interlace: bool = False, extra: bytes = b"") -> bytes:
+    """A 16-bit PNG of uint16 [H, W, C] (Adam7 passes when interlaced; `extra` chunks before IDAT)."""
+    h, w, c = samples.shape
+    passes = [samples[y0::dy, x0::dx] for y0, x0, dy, dx in ADAM7] if interlace else [samples]
+    data = b"".join(_filter_rows(p, i) for i, p in enumerate(passes) if p.size)
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, int(interlace))
+    return (png16.SIGNATURE + _png_chunk(b"IHDR", ihdr) + extra + _png_chunk(b"IDAT", zlib.compress(data))
             + _png_chunk(b"IEND", b""))
 
 
@@ -139,6 +150,28 @@ def test_png16_reader_undoes_every_filter(tmp_path: Path, channels: int) -> None
     assert np.array_equal(png16.read_png16(tmp_path / "f.png").pixels, a)
     if channels == 1:  # Pillow reads 16-bit gray exactly: an independent check of the test encoder
         assert np.array_equal(np.asarray(Image.open(tmp_path / "f.png")), a[..., 0])
+
+
+@pytest.mark.parametrize(("h", "w", "channels"), [(13, 11, 1), (9, 17, 3), (1, 1, 4), (3, 2, 2), (8, 8, 1)])
+def test_interlaced_png16_is_read_exactly(tmp_path: Path, h: int, w: int, channels: int) -> None:
+    """Adam7 16-bit PNGs (issue 13 item 13): every size, including ones that leave passes empty."""
+    a = RNG.integers(0, 65536, (h, w, channels), dtype=np.uint16)
+    (tmp_path / "i.png").write_bytes(_filtered_png16(a, interlace=True))
+    assert np.array_equal(png16.read_png16(tmp_path / "i.png").pixels, a)
+    if channels == 1:  # Pillow reads interlaced 16-bit gray exactly: an independent decoder
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "i.png")), a[..., 0])
+    x = load_image(tmp_path / "i.png")
+    rgb = np.repeat(a, 3, axis=2) if channels == 1 else a[..., :3]
+    if channels in (1, 3):  # no alpha: load_image keeps all 16 bits
+        torch.testing.assert_close(x, _unit(rgb, 65535.0), atol=1e-6, rtol=0)
+
+
+def test_png16_wavefront_matches_the_row_filters(tmp_path: Path) -> None:
+    """A larger image whose rows mix all filters: the diagonal sweep gives the samples back."""
+    a = RNG.integers(0, 65536, (67, 130, 3), dtype=np.uint16)
+    a[20:40] = a[19]  # runs of equal rows, where Paeth and Average pick their other branches
+    (tmp_path / "f.png").write_bytes(_filtered_png16(a))
+    assert np.array_equal(png16.read_png16(tmp_path / "f.png").pixels, a)
 
 
 def test_16bit_rgba_composite(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from vaetool.errors import InputError, OutputError, OutputExistsError
 from vaetool.io.atomic import atomic_write, is_temp_name, remove_stale_temps, temp_path
-from vaetool.io.inputs import collect_inputs, output_path
+from vaetool.io.inputs import InputFile, collect_inputs, output_path
 from vaetool.io.manifest import ManifestWriter, merge_manifests, rank_manifest_path, read_manifest
 
 
@@ -88,6 +88,33 @@ def test_output_collisions_refused(tree: Path) -> None:
 def test_output_path_mirrors_tree(tree: Path) -> None:
     [item] = [i for i in collect_inputs(["data"], recursive=True) if i.rel == PurePath("sub/deep/d.png")]
     assert output_path(item, "out", ".safetensors") == Path("out/sub/deep/d.safetensors")
+
+
+def test_glob_dotdot_parts_never_leave_the_output_folder(tree: Path) -> None:
+    (tree / "up.png").write_bytes(b"x")
+    [item] = collect_inputs(["data/*/../../up.png"])  # issue 13 item 1: the glob keeps its `..` parts
+    assert item.path == Path("data/sub/../../up.png") and item.rel == PurePath("up.png")
+    assert output_path(item, "out", ".safetensors") == Path("out/up.safetensors")
+    assert _rels(collect_inputs(["data/sub/../*.png"])) == ["a.png"]  # `..` that stays under the base keeps the tree
+    assert _rels(collect_inputs(["data/sub/deep/../../**/d.png"])) == ["sub/deep/d.png"]
+    with pytest.raises(InputError, match="cannot mirror"):
+        InputFile(Path("x.png"), PurePath("../x.png"))
+    with pytest.raises(InputError, match="cannot mirror"):
+        InputFile(Path("/x.png"), PurePath("/x.png"))
+
+
+def test_double_star_follows_each_folder_once(tree: Path) -> None:
+    """A symlink loop under a quoted ** glob (issue 13 item 16): every file once, in a bounded walk."""
+    (tree / "data" / "sub" / "deep" / "loop").symlink_to("../..")  # data/sub/deep/loop -> data
+    (tree / "data" / "sub" / "back").symlink_to("..")
+    (tree / "linked").symlink_to("data/sub")  # a second way into one folder
+    code = ("from vaetool.io.inputs import collect_inputs\n"
+            "print(sorted(i.path.resolve().relative_to(__import__('pathlib').Path.cwd()).as_posix()"
+            " for i in collect_inputs(['data/**/*.png', 'data/**', 'linked/**/*.webp'])))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,  # a hang guard, not a timing
+                          cwd=tree, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(["data/a.png", "data/b.JPG", "data/sub/c.webp", "data/sub/deep/d.png"])
 
 
 # ---- atomic writes ----

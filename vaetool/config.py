@@ -2,7 +2,10 @@
 
 A config never imports an arbitrary module: `target` must be one of TARGETS, which holds
 vaetool's own classes and the upstream names (ldm / sgm) that published YAMLs use, mapped onto
-vaetool's classes.
+vaetool's classes. YAML is read with PyYAML's safe loader, its node graph checked before any
+value is built: aliases that would expand past MAX_CONFIG_NODES values (a "billion laughs"
+file) or refer to themselves are refused, as are files over MAX_CONFIG_BYTES. The VAE part of a
+config is checked key by key (config_checks) before it is built.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from typing import Any
 
 import yaml
 
-from vaetool.errors import ConfigError
+from vaetool.config_checks import check_vae
+from vaetool.errors import ConfigError, first_line
 from vaetool.families import FAMILIES, LatentFormat
+from vaetool.limits import MAX_CONFIG_BYTES, MAX_CONFIG_NODES
 
 _AE = "vaetool.nn.autoencoder"
 _CODERS = "vaetool.nn.coders"
@@ -70,31 +75,87 @@ def resolve_target(target: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
+def _describe(value: Any) -> str:
+    """A short description of a config value (never its whole text: an alias bomb would expand)."""
+    if isinstance(value, dict):
+        keys = [str(k)[:40] for k in list(value)[:5]]
+        return f"a mapping with keys {', '.join(keys) or 'none'}{', ...' if len(value) > 5 else ''}"
+    return f"a {type(value).__name__}"
+
+
+# what a class may raise when a config gives it a value of the right type but an impossible size
+BUILD_ERRORS = (TypeError, ValueError, RuntimeError, ZeroDivisionError, IndexError, KeyError, AttributeError, OverflowError)
+
+
 def instantiate_from_config(config: dict[str, Any], **extra: Any) -> Any:
     """Build `target(**params, **extra)`; nested `*_config` dicts are built by the classes themselves."""
     if not isinstance(config, dict) or "target" not in config:
-        raise ConfigError(f"expected a mapping with a 'target' key, got {str(config)[:80]!r}")
+        raise ConfigError(f"expected a mapping with a 'target' key, got {_describe(config)}")
+    target = config["target"]
+    if not isinstance(target, str):
+        raise ConfigError(f"'target' must be a class name, not {_describe(target)}")
     params = config.get("params") or {}
     if not isinstance(params, dict):
-        raise ConfigError(f"'params' of {config['target']} must be a mapping, got {type(params).__name__}")
-    cls = resolve_target(config["target"])
+        raise ConfigError(f"'params' of {target} must be a mapping, got {type(params).__name__}")
+    cls = resolve_target(target)
     try:
         return cls(**params, **extra)
-    except TypeError as err:
-        raise ConfigError(f"cannot build {config['target']}: {err}") from None
+    except BUILD_ERRORS as err:
+        raise ConfigError(f"cannot build {target}: {first_line(err)}") from None
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], active: set[int]) -> int:
+    """How many values a YAML node stands for once aliases are expanded (capped just past the limit)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in active:
+        raise ValueError("an alias refers to itself (a recursive alias)")
+    active.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    total = 1
+    for child in children:
+        total = min(total + _expanded_size(child, sizes, active), MAX_CONFIG_NODES + 1)
+    active.discard(id(node))
+    sizes[id(node)] = total
+    return total
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> Python values with the safe loader, refusing alias bombs and recursive aliases (ValueError)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}, set()) > MAX_CONFIG_NODES:
+            raise ValueError(f"its aliases expand to more than {MAX_CONFIG_NODES} values (an alias bomb?)")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; ConfigError naming the file for a missing, unreadable or non-mapping file."""
+    """Read a YAML mapping; ConfigError naming the file for a missing, unreadable, hostile or non-mapping file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"a {path.stat().st_size}-byte config is over the {MAX_CONFIG_BYTES}-byte limit", path)
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError("no such file", path) from None
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read: {err}", path) from None
+        raise ConfigError(f"cannot read: {first_line(err)}", path) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"invalid YAML: {str(err).splitlines()[0]}", path) from None
+    except RecursionError:
+        raise ConfigError("invalid YAML: nested too deeply", path) from None
+    except ValueError as err:
+        raise ConfigError(f"refusing the YAML: {err}", path) from None
     if not isinstance(data, dict):
         raise ConfigError("a config must be a YAML mapping", path)
     return data
@@ -112,7 +173,10 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = parse_yaml(raw)
+        except (yaml.YAMLError, ValueError, RecursionError) as err:
+            raise ConfigError(f"override {item[:80]!r}: {first_line(err)}") from None
     return config
 
 
@@ -164,11 +228,18 @@ def _latent_format(doc: dict[str, Any], model_params: dict[str, Any], source: st
     family = doc.get("family")
     if fmt is None and family is None:
         scale = model_params.get("scale_factor")  # upstream whole-model YAMLs
-        return None if scale is None else LatentFormat("unknown", 0, float(scale), 0.0)
-    base = FAMILIES.get(str(family).lower()) if family else None
+        try:
+            return None if scale is None else LatentFormat("unknown", 0, float(scale), 0.0)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model.params.scale_factor: {first_line(err)}", source) from None
+    if family is not None and not isinstance(family, str):
+        raise ConfigError(f"family must be a family name, not a {type(family).__name__}", source)
+    base = FAMILIES.get(family.lower()) if family else None
     if family and base is None and fmt is None:
         raise ConfigError(f"unknown family {family!r} and no latent_format given", source)
     fmt = fmt or {}
+    if not isinstance(fmt, dict):
+        raise ConfigError(f"latent_format must be a mapping (channels, scale, shift, downscale), not a {type(fmt).__name__}", source)
     try:
         return LatentFormat(
             family=str(family or fmt.get("family", "custom")),
@@ -177,19 +248,28 @@ def _latent_format(doc: dict[str, Any], model_params: dict[str, Any], source: st
             shift=float(fmt.get("shift", base.shift if base else 0.0)),
             downscale=int(fmt.get("downscale", base.downscale if base else 8)),
         )
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"bad latent_format: {err}", source) from None
+    except (TypeError, ValueError, OverflowError) as err:
+        raise ConfigError(f"latent_format: {first_line(err)}", source) from None
 
 
 def extract_vae_config(doc: dict[str, Any], source: str = "<config>") -> VaeConfig:
-    """Find the VAE in a config: a bare VAE config, `model:` of one, or a whole model's first_stage_config."""
+    """Find the VAE in a config: a bare VAE config, `model:` of one, or a whole model's first_stage_config.
+
+    Every value of the VAE part is checked here (config_checks), so a bad one is a ConfigError
+    naming the file and its key before anything is built.
+    """
+    key = "model" if "model" in doc else ""
     model = doc.get("model", doc)
     if not isinstance(model, dict) or "target" not in model:
         raise ConfigError("no 'target' found (expected a VAE config or a model with first_stage_config)", source)
     params = model.get("params") or {}
-    vae = params.get("first_stage_config", model) if isinstance(params, dict) else model
-    if not isinstance(vae, dict) or "target" not in vae:
-        raise ConfigError("first_stage_config has no 'target'", source)
+    if isinstance(params, dict) and "first_stage_config" in params:
+        vae, key = params["first_stage_config"], f"{key}.params.first_stage_config".lstrip(".")
+        if not isinstance(vae, dict) or "target" not in vae:
+            raise ConfigError("first_stage_config has no 'target'", source)
+    else:
+        vae = model
+    check_vae(vae, TARGETS, source, key)
     fmt = _latent_format(doc, params if vae is not model else {}, source)
     test_model = doc.get("test_model", False)
     if not isinstance(test_model, bool):

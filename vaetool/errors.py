@@ -5,11 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def printable(path: str | Path) -> str:
+    """A path as text that can be printed and stored: bytes of a name that are not UTF-8 become \\xff escapes."""
+    text = str(path)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # surrogates that did not come from a file name
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class VaeToolError(Exception):
     """An error caused by the user's input, shown as one line without a traceback."""
 
     def __init__(self, problem: str, path: str | Path | None = None) -> None:
-        self.path = None if path is None else str(path)
+        self.path = None if path is None else printable(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
@@ -40,6 +49,12 @@ class OutputExistsError(OutputError, FileExistsError):
 
 class MemoryBudgetError(VaeToolError):
     """A memory budget too small for even the smallest tile of the operation."""
+
+
+def check_utf8_name(path: str | Path, error: type[VaeToolError] = InputError) -> None:
+    """`error` naming the file when its path is not valid UTF-8 (names are recorded as text in outputs)."""
+    if printable(path) != str(path):
+        raise error("its name is not valid UTF-8; rename it (vaetool records file names as text)", path)
 
 
 def first_line(err: BaseException, limit: int = 160) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -9,13 +10,28 @@ import torch
 
 @dataclass(frozen=True)
 class LatentFormat:
-    """How a family's raw posterior latents map to the scaled latents a diffusion model sees."""
+    """How a family's raw posterior latents map to the scaled latents a diffusion model sees.
+
+    Every format is checked when made, wherever it comes from (a family, a config, a latent file's
+    metadata, a flag): scale finite and > 0, shift finite (ValueError otherwise), so a scale of 0
+    can never turn every latent into zeros.
+    """
 
     family: str
     channels: int
     scale: float
     shift: float = 0.0
     downscale: int = 8
+
+    def __post_init__(self) -> None:
+        if not _real(self.scale) or not math.isfinite(self.scale) or self.scale <= 0:
+            raise ValueError(f"latent scale must be a finite number > 0, not {self.scale!r}")
+        if not _real(self.shift) or not math.isfinite(self.shift):
+            raise ValueError(f"latent shift must be a finite number, not {self.shift!r}")
+        if not isinstance(self.channels, int) or self.channels < 0:
+            raise ValueError(f"latent channels must be a whole number >= 0 (0: unknown), not {self.channels!r}")
+        if not isinstance(self.downscale, int) or self.downscale < 1:
+            raise ValueError(f"latent downscale must be a whole number >= 1, not {self.downscale!r}")
 
     def to_scaled(self, raw: torch.Tensor) -> torch.Tensor:
         """scaled = (raw - shift) * scale."""
@@ -28,6 +44,10 @@ class LatentFormat:
     def as_dict(self) -> dict[str, object]:
         """Plain-dict form, for metadata and JSON."""
         return asdict(self)
+
+
+def _real(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 FAMILIES: dict[str, LatentFormat] = {

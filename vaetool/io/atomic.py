@@ -3,7 +3,8 @@
 A reader never sees a half-written output, a killed writer leaves at most a hidden temp file
 (`.{name}.vaetool-{host}-{pid}-{token}.tmp`, never mistaken for an output; `remove_stale_temps`
 cleans them up), and without `overwrite` the final step is os.link, which fails instead of
-replacing a file another process wrote in the meantime.
+replacing a file another process wrote in the meantime. Every output gets the mode a plain new
+file gets (0666 less the umask), whatever the writer did to its temp file.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -108,8 +110,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, overwrite: 
         raise OutputExistsError("already exists (use --overwrite to replace it)", path)
     tmp = temp_path(path)
     try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))  # reserve the name
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # reserve the name; the umask applies
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
         write(tmp)
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:  # a writer that replaced the file (some use 0600)
+            os.chmod(tmp, mode)
         _fsync_file(tmp)
         _publish(tmp, path, overwrite)
     except OSError as err:

@@ -1,11 +1,16 @@
 """Image files <-> tensors [3, H, W] in [-1, 1]: every Pillow mode, EXIF orientation, 16-bit kept.
 
-Reading opens with Pillow restricted to the formats we accept, checks the claimed size before
-anything is decoded (decompression bombs are refused without allocating), forces a full decode
-(truncated files are errors, never grey padding) and turns every failure into one InputError
-naming the file. 16-bit PNGs, which Pillow would truncate to 8 bits in colour, go through png16
-(interlaced ones and 48-bit TIFFs still arrive with 8-bit precision through Pillow). ICC profiles
-are not applied. Writing is PNG, atomic, 8- or 16-bit, with text chunks.
+Reading opens with Pillow restricted to the formats we accept and checks what the header claims
+before anything is decoded: the pixel count against `max_pixels`, and for formats whose compression
+has a known maximum ratio (PNG, uncompressed BMP, TIFF raw/LZW/deflate/PackBits) whether the file is
+big enough to hold that many pixels at all. Decompression bombs and truncated giants are refused
+without allocating. Pillow's own DecompressionBombWarning is silenced for the whole process (vaetool's
+bound is checked first; the warning would otherwise leak from worker threads); its error still applies.
+Animated PNG/WebP files are refused (use `vaetool video`). Decoding is forced in full (truncated files
+are errors, never grey padding) and every failure becomes one InputError naming the file. 16-bit
+PNGs, which Pillow would truncate to 8 bits in colour, go through png16 (interlaced ones too; 48-bit
+TIFFs still arrive with 8-bit precision through Pillow). ICC profiles are not applied. Writing is
+PNG, atomic, 8- or 16-bit, with text chunks.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from vaetool.errors import InputError, first_line
+from vaetool.errors import InputError, check_utf8_name, first_line
 from vaetool.io import png16
 from vaetool.io.atomic import atomic_write
+from vaetool.limits import MAX_DEFLATE_RATIO, MAX_LZW_RATIO, MAX_PACKBITS_RATIO, MAX_PIXELS
 
 __all__ = [
     "DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "crop_to", "load_image", "pad_to_multiple", "read_png_text",
@@ -32,7 +38,21 @@ __all__ = [
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 PIL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "DIB", "TIFF")  # JPEG includes MPO (camera JPEGs with a preview)
-DEFAULT_MAX_PIXELS = 128 * 1024 * 1024  # ~11585 x 11585; below Pillow's own hard limit
+DEFAULT_MAX_PIXELS = MAX_PIXELS  # ~11585 x 11585; below Pillow's own hard limit
+# (format, compression as Pillow reports it) -> the most that compression expands data: a file smaller
+# than its claimed pixels at 1 bit each divided by this cannot hold them (PNG counts its exact bits)
+MAX_RATIOS: dict[tuple[str, object], int] = {
+    ("PNG", None): MAX_DEFLATE_RATIO,
+    ("BMP", 0): 1,  # uncompressed
+    ("BMP", 3): 1,  # uncompressed with bit fields
+    ("TIFF", "raw"): 1,
+    ("TIFF", "tiff_lzw"): MAX_LZW_RATIO,
+    ("TIFF", "tiff_adobe_deflate"): MAX_DEFLATE_RATIO,
+    ("TIFF", "tiff_deflate"): MAX_DEFLATE_RATIO,
+    ("TIFF", "packbits"): MAX_PACKBITS_RATIO,
+}
+PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # PNG colour type -> samples per pixel
+ANIMATED_FORMATS = ("PNG", "WEBP")  # several frames are an animation (MPO's second frame is a preview; TIFF pages are kept)
 Background = tuple[int, int, int]
 ORIENTATION_TAG = 0x0112
 # EXIF orientation -> the transform of an [H, W, C] array that displays the image upright
@@ -74,16 +94,46 @@ MODE_DECODERS: dict[str, Callable[[Image.Image], np.ndarray]] = {
     "I": lambda im: _gray(np.clip(np.asarray(im, np.float32), 0, 65535) / 65535.0),  # 16-bit data in 32-bit ints
     "F": lambda im: _gray(np.clip(np.asarray(im, np.float32), 0.0, 1.0)),
 }
+# vaetool's own bound (max_pixels) is checked before every decode; Pillow's warning at 89M pixels would
+# leak to stderr for images vaetool accepts (a per-call catch_warnings is not thread-safe)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
+def _claimed_bytes(im: Image.Image, path: Path) -> int:
+    """The fewest bytes the claimed pixels take uncompressed (PNG: exact, from its header; else 1 bit a pixel)."""
+    w, h = im.size
+    header = png16.read_ihdr(path) if im.format == "PNG" else None
+    if header is None:
+        return w * h // 8
+    depth, color = header[2], header[3]
+    return h * (1 + -(-w * depth * PNG_SAMPLES.get(color, 1) // 8))
+
+
+def _check_claim(im: Image.Image, path: Path, max_pixels: int) -> None:
+    """InputError before decoding when the header claims too many pixels, or more than the file can hold."""
+    w, h = im.size
+    if w * h > max_pixels:
+        raise InputError(f"refusing to decode: the image claims {w} x {h} pixels, more than the limit of "
+                         f"{max_pixels} (a decompression bomb?)", path)
+    if w == 0 or h == 0:
+        raise InputError(f"image has no pixels ({w} x {h})", path)
+    compression = im.info.get("compression")
+    ratio = MAX_RATIOS.get((str(im.format), compression))
+    size = path.stat().st_size
+    if ratio is not None and size * ratio < _claimed_bytes(im, path):
+        how = f"{compression} data" if compression is not None else "its data"
+        raise InputError(f"the image claims {w} x {h} pixels, more than its {size} bytes can hold ({how} expands "
+                         f"at most {ratio}x): truncated, or a decompression bomb", path)
+    frames = getattr(im, "n_frames", 1)
+    if im.format in ANIMATED_FORMATS and frames > 1:
+        raise InputError(f"animated {im.format} ({frames} frames): only its first frame would be encoded; "
+                         "use `vaetool video encode` for animations", path)
 
 
 def _open(path: Path, max_pixels: int) -> Image.Image:
-    """Open (header only) with Pillow, refusing non-images and oversized images before decoding."""
+    """Open (header only) with Pillow, refusing non-images and oversized or impossible images before decoding."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
-            im = Image.open(path, formats=PIL_FORMATS)
+        im = Image.open(path, formats=PIL_FORMATS)
     except Image.DecompressionBombError as err:
         pixels = re.search(r"\((\d+) pixels\)", str(err))
         claim = f"{int(pixels[1])} pixels" if pixels else "too many pixels"
@@ -95,23 +145,23 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         raise InputError("not an image, or not a PNG, JPEG, WebP, BMP or TIFF file", path) from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise InputError(f"corrupt image header: {first_line(err)}", path) from None
-    w, h = im.size
-    if w * h > max_pixels:
+    try:
+        _check_claim(im, path, max_pixels)
+    except InputError:
         im.close()
-        raise InputError(f"refusing to decode: the image claims {w} x {h} pixels, more than the limit of "
-                         f"{max_pixels} (a decompression bomb?)", path)
-    if w == 0 or h == 0:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as err:  # n_frames reads further into the file
         im.close()
-        raise InputError(f"image has no pixels ({w} x {h})", path)
+        raise InputError(f"corrupt {im.format} image: {first_line(err)}", path) from None
     return im
 
 
-def _decode_png16(path: Path) -> tuple[np.ndarray, bytes | None]:
+def _decode_png16(path: Path, max_pixels: int) -> tuple[np.ndarray, bytes | None]:
     """16-bit PNG -> samples [H, W, 3 or 4] float32 in [0, 1] (tRNS key colour becomes alpha), eXIf bytes."""
     try:
-        png = png16.read_png16(path)
+        png = png16.read_png16(path, max_pixels)
     except png16.PngFormatError as err:
-        raise InputError(str(err), path) from None
+        raise InputError(err.problem, path) from None
     a = png.pixels.astype(np.float32) / 65535.0  # [H, W, C]
     if png.color_type in (0, 4):  # gray (+ alpha) -> RGB (+ alpha)
         a = np.concatenate([_gray(a[..., 0]), a[..., 1:]], axis=2)
@@ -137,15 +187,16 @@ def _decode_pillow(im: Image.Image, path: Path) -> np.ndarray:
         raise InputError(f"truncated or corrupt {im.format} image: {first_line(err)}", path) from None
 
 
-def _orientation(exif: Image.Exif | bytes | None) -> int:
-    """The EXIF orientation (1 = upright) from Pillow's parsed EXIF or a raw eXIf chunk."""
+def _orientation(source: Image.Image | bytes | None) -> int:
+    """The EXIF orientation (1 = upright) of a Pillow image or a raw eXIf chunk; 1 when its EXIF is unreadable."""
     try:
-        if isinstance(exif, bytes):
-            tags = Image.Exif()
-            tags.load(exif)
-            exif = tags
-        return 1 if exif is None else int(exif.get(ORIENTATION_TAG, 1))
-    except Exception:
+        if isinstance(source, Image.Image):
+            exif = source.getexif()
+        else:
+            exif = Image.Exif()
+            exif.load(source or b"")
+        return int(exif.get(ORIENTATION_TAG, 1))
+    except Exception:  # Pillow's EXIF parser raises many types on damaged data; viewers ignore it too
         return 1
 
 
@@ -158,18 +209,20 @@ def load_image(
 ) -> torch.Tensor:
     """Read an image file as [3, H, W] float32 in [-1, 1], upright; InputError naming the file if unusable."""
     path = Path(path)
+    check_utf8_name(path)
     if not path.is_file():
         raise InputError("is a directory, not an image" if path.is_dir() else "no such file", path)
     if path.stat().st_size == 0:
         raise InputError("empty file (0 bytes)", path)
+    exif_source: Image.Image | bytes | None
     with _open(path, max_pixels) as im:
         header = png16.read_ihdr(path) if im.format == "PNG" else None
-        if header is not None and header[2] == 16 and header[4] == 0:  # Pillow would keep only 8 bits
-            a, exif = _decode_png16(path)
+        if header is not None and header[2] == 16:  # Pillow would keep only 8 bits (interlaced or not)
+            a, exif_source = _decode_png16(path, max_pixels)
         else:
             a = _decode_pillow(im, path)
-            exif = im.getexif()
-        orientation = _orientation(exif)
+            exif_source = im
+        orientation = _orientation(exif_source)
     a = ORIENTATIONS.get(orientation, lambda x: x)(a)  # [H, W, 3 or 4]
     rgb = a[..., :3]
     if a.shape[2] == 4 and alpha == "composite":

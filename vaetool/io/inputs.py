@@ -1,13 +1,16 @@
 """Input lists: files, folders (top level or recursive), globs and --files-from lists -> InputFiles.
 
 Each InputFile keeps `rel`, its path relative to the folder (or glob base) it was found under, so
-outputs can mirror the input tree under -o. The result is sorted by rel, deduplicated by real
-path, and refused when two different inputs would be written to the same output.
+outputs can mirror the input tree under -o; `rel` is never absolute and never holds `..` (a glob
+like `in/*/../../x.png` mirrors only the name), so no output lands outside -o. The result is sorted
+by rel, deduplicated by real path, and refused when two different inputs would be written to the
+same output. Globs follow glob.glob's rules (`*` skips hidden names, `**` spans folders and follows
+links to folders) except that `**` enters each folder once, so a symlink loop cannot hang the walk.
 """
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,6 +32,10 @@ class InputFile:
 
     path: Path
     rel: PurePath
+
+    def __post_init__(self) -> None:
+        if self.rel.is_absolute() or ".." in self.rel.parts or not self.rel.parts:
+            raise InputError(f"cannot mirror {self.rel} under the output folder (absolute, empty or with ..)", self.path)
 
 
 def _visible(rel: PurePath) -> bool:
@@ -55,12 +62,66 @@ def _glob_base(pattern: str) -> Path:
     return Path(*parts[:first]) if first else Path(".")
 
 
+def _names(directory: str) -> list[str]:
+    """The entries of a folder, sorted ([] when it cannot be listed, as glob.glob does)."""
+    try:
+        return sorted(os.listdir(directory or os.curdir))
+    except OSError:
+        return []
+
+
+def _dirs_once(directory: str) -> Iterator[str]:
+    """`directory` and every visible folder below it, following links, each real folder once."""
+    seen: set[tuple[int, int]] = set()
+    stack = [directory]
+    while stack:
+        current = stack.pop()
+        try:
+            st = os.stat(current or os.curdir)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # a link back up the tree, or a second way to one folder
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        yield current
+        subdirs = [os.path.join(current, n) for n in _names(current) if not n.startswith(".")]
+        stack += reversed([d for d in subdirs if os.path.isdir(d)])
+
+
+def _glob_walk(directory: str, parts: Sequence[str]) -> Iterator[str]:
+    """Paths below `directory` that match the pattern parts (`**` = any number of folders)."""
+    if not parts:
+        yield directory
+        return
+    head, rest = parts[0], parts[1:]
+    if head == "**":
+        for sub in _dirs_once(directory):
+            if rest:
+                yield from _glob_walk(sub, rest)
+            else:  # a trailing ** matches every visible entry below
+                yield from (os.path.join(sub, n) for n in _names(sub) if not n.startswith("."))
+    elif GLOB_CHARS & set(head):
+        for name in _names(directory):
+            if (head.startswith(".") or not name.startswith(".")) and fnmatch.fnmatch(name, head):
+                yield from _glob_walk(os.path.join(directory, name), rest)
+    elif rest or os.path.lexists(os.path.join(directory, head)):
+        yield from _glob_walk(os.path.join(directory, head), rest)
+
+
+def _relative(path: str, base: Path) -> PurePath:
+    """`path` relative to `base` with `.` and `..` resolved by name; just the file name when it lies outside base."""
+    rel = PurePath(os.path.relpath(os.path.normpath(path), os.path.normpath(base)))
+    return PurePath(PurePath(path).name) if ".." in rel.parts or rel.is_absolute() else rel
+
+
 def _from_glob(pattern: str, suffixes: Sequence[str]) -> Iterator[InputFile]:
     base = _glob_base(pattern)
-    for match in glob.glob(pattern, recursive=True):  # hidden names are not matched by * or **
+    parts = PurePath(pattern).parts[len(base.parts) if base != Path(".") else 0 :]
+    start = str(base) if base != Path(".") else ""
+    for match in _glob_walk(start, parts):
         path = Path(match)
         if _wanted(path, suffixes):
-            yield InputFile(path, PurePath(path.relative_to(base)))
+            yield InputFile(path, _relative(match, base))
 
 
 def _from_arg(arg: str, recursive: bool, suffixes: Sequence[str], *, from_list: bool = False) -> list[InputFile]:
@@ -138,5 +199,9 @@ def _check_collisions(items: Sequence[InputFile]) -> None:
 
 
 def output_path(item: InputFile, out_dir: str | Path, suffix: str) -> Path:
-    """Where the output of `item` goes: out_dir / rel with the new suffix (the input tree mirrored)."""
-    return Path(out_dir) / item.rel.with_suffix(suffix)
+    """Where the output of `item` goes: out_dir / rel with the new suffix (the input tree mirrored), always inside out_dir."""
+    out = Path(out_dir) / item.rel.with_suffix(suffix)
+    inside = os.path.relpath(os.path.normpath(out), os.path.normpath(out_dir))
+    if inside.startswith(os.pardir) or os.path.isabs(inside):  # unreachable while rel holds no `..`; kept as a guard
+        raise InputError(f"its output {out} would lie outside {out_dir}", item.path)
+    return out

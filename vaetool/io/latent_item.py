@@ -67,20 +67,30 @@ def encode_metadata(metadata: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def decode_metadata(raw: dict[str, str]) -> dict[str, Any]:
-    """Inverse of encode_metadata; reserved format keys are dropped, foreign strings kept as they are."""
+def decode_metadata(raw: dict[str, str], path: Path | None = None) -> dict[str, Any]:
+    """Inverse of encode_metadata; reserved format keys are dropped, keys not listed as JSON kept as strings.
+
+    A JSON_KEYS entry that is not a JSON list of names, or a listed value that is not JSON, is an
+    InputError naming the file (the metadata was not written by vaetool, or was damaged).
+    """
     try:
-        json_keys = set(json.loads(raw.get(JSON_KEYS, "[]")))
+        listed = json.loads(raw.get(JSON_KEYS, "[]"))
     except ValueError:
-        json_keys = set()
+        listed = None
+    if not isinstance(listed, list) or not all(isinstance(k, str) for k in listed):
+        raise InputError(f"corrupt metadata: {JSON_KEYS} is not a JSON list of key names", path)
+    json_keys = set(listed)
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key in RESERVED or key == JSON_KEYS:
             continue
-        try:
-            out[key] = json.loads(value) if key in json_keys else value
-        except ValueError:
+        if key not in json_keys:
             out[key] = value
+            continue
+        try:
+            out[key] = json.loads(value)
+        except (ValueError, RecursionError):
+            raise InputError(f"corrupt metadata: {key!r} is listed in {JSON_KEYS} but is not JSON", path) from None
     return out
 
 

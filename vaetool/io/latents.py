@@ -5,21 +5,26 @@ Metadata keys every loader may set (the commands read them): "scaled" (bool: the
 the diffusion model's scaled space), "source_format" (where it came from), plus whatever the
 writer recorded (family, original size, ...). vaetool files store metadata values as strings,
 JSON-encoding the non-strings and listing them under JSON_KEYS so they decode back exactly.
+
+Nothing a file declares is trusted: safetensors headers are checked entry by entry (io/safe.py),
+.npy/.npz headers are read first and their shapes checked against the bytes the file (or zip
+member) holds before any array is allocated, and a file that is not what its suffix says is
+named as such. Written files are byte-reproducible: equal tensors and metadata, equal bytes.
 """
 
 from __future__ import annotations
 
+import math
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
-import safetensors
-import safetensors.torch
 import torch
 
-from vaetool.errors import InputError
+from vaetool.errors import InputError, check_utf8_name, first_line
 from vaetool.io.atomic import atomic_write
 from vaetool.io.latent_item import (
     COMFY_LEGACY_SCALE,
@@ -38,13 +43,19 @@ from vaetool.io.latent_item import (
     split_batch,
     validate_latent,
 )
-from vaetool.io.safe import load_weights_only, read_safetensors, safetensors_header
+from vaetool.io.safe import load_weights_only, read_safetensors, safetensors_header, write_safetensors
 from vaetool.io.shards import load_shard, load_shard_dir
+from vaetool.limits import MAX_DEFLATE_RATIO
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "LATENT_SUFFIXES", "LatentItem", "check_channels", "decode_metadata",
     "encode_metadata", "load_latents", "save_latent", "validate_latent",
 ]
+
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members, an empty zip
+NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}  # 3.0: structured only
+NPZ_METHODS = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: MAX_DEFLATE_RATIO}  # what np.savez(_compressed) write -> max expansion
 
 
 def save_latent(path: str | Path, latent: torch.Tensor, metadata: dict[str, Any], *, overwrite: bool = False) -> None:
@@ -53,7 +64,7 @@ def save_latent(path: str | Path, latent: torch.Tensor, metadata: dict[str, Any]
         raise ValueError(f"expected a latent [C, h, w] or [B, C, h, w], got {tuple(latent.shape)}")
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, **encode_metadata(metadata)}
     tensors = {"latent": latent.detach().to("cpu").contiguous()}  # [C, h, w]
-    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=header), overwrite=overwrite)
+    atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, header), overwrite=overwrite)
 
 
 def _load_safetensors(path: Path) -> list[LatentItem]:
@@ -63,7 +74,7 @@ def _load_safetensors(path: Path) -> list[LatentItem]:
         return load_shard(path)
     if "latent" in header:  # vaetool's own (or a file that names its tensor the same way)
         tensor = validate_latent(read_safetensors(path, InputError, ["latent"])["latent"], path)
-        return split_batch(path, path.stem, tensor, decode_metadata(meta))
+        return split_batch(path, path.stem, tensor, decode_metadata(meta, path))
     if "latent_tensor" in header:  # ComfyUI SaveLatent
         tensor = validate_latent(read_safetensors(path, InputError, ["latent_tensor"])["latent_tensor"], path)
         info: dict[str, Any] = {"source_format": "comfyui", "scaled": False}
@@ -79,16 +90,61 @@ def _load_safetensors(path: Path) -> list[LatentItem]:
     return split_batch(path, path.stem, tensor, {"source_format": "safetensors", **meta})
 
 
+def _magic(path: Path, expected: tuple[bytes, ...], what: str) -> None:
+    with path.open("rb") as f:
+        head = f.read(max(map(len, expected)))
+    if not any(head.startswith(m) for m in expected):
+        raise InputError(f"not a {what} file (no {what} header): corrupt, or another format with this suffix", path)
+
+
+def _check_npy_header(f: IO[bytes], available: int, path: Path, what: str) -> None:
+    """Read a .npy header from f and refuse it when its shape needs more than the `available` bytes after it."""
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = NPY_HEADERS.get(version)
+        if read_header is None:
+            raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+        shape, _, dtype = read_header(f)
+    except OSError:
+        raise
+    except Exception as err:  # numpy parses the header with tokenize and literal_eval, which raise many types
+        raise InputError(f"corrupt .npy header{what}: {first_line(err)}", path) from None
+    if dtype.hasobject:
+        raise InputError(f"holds pickled objects{what}; refusing to load them", path)
+    needed = math.prod(shape) * dtype.itemsize
+    if needed > available - f.tell():
+        raise InputError(f"truncated or corrupt{what}: its header declares shape {list(shape)} {dtype} ({needed} bytes), "
+                         f"the file holds {max(0, available - f.tell())}", path)
+
+
+def _check_npz(path: Path) -> None:
+    """Check every member of a .npz before numpy allocates it: a known compression, within its ratio, shapes that fit."""
+    _magic(path, ZIP_MAGICS, ".npz")
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            ratio = NPZ_METHODS.get(info.compress_type)
+            where = f" (member {info.filename!r})"
+            if ratio is None:
+                raise InputError(f"unsupported zip compression {info.compress_type}{where}; numpy writes stored or deflate", path)
+            if info.file_size > max(info.compress_size, 1) * ratio:
+                raise InputError(f"corrupt .npz{where}: it claims {info.file_size} bytes from {info.compress_size}, "
+                                 f"more than its compression can expand (a zip bomb?)", path)
+            if info.filename.endswith(".npy"):
+                with zf.open(info) as f:
+                    _check_npy_header(f, info.file_size, path, where)
+
+
 def _load_npz(path: Path) -> list[LatentItem]:
     try:
+        _check_npz(path)
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except ValueError as err:
         if "pickle" in str(err):
             raise InputError("holds pickled objects; refusing to load them", path) from None
-        raise InputError(f"corrupt .npz file: {err}", path) from None
-    except (OSError, zipfile.BadZipFile, EOFError) as err:
-        raise InputError(f"truncated or corrupt .npz file: {err}", path) from None
+        raise InputError(f"corrupt .npz file: {first_line(err)}", path) from None
+    except (OSError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, NotImplementedError, RuntimeError) as err:
+        raise InputError(f"truncated or corrupt .npz file: {first_line(err)}", path) from None  # RuntimeError: encrypted
     found = sorted((k, m) for k in arrays if (m := NPZ_LATENTS.match(k)))
     if not found:
         if len(arrays) == 1:  # np.savez(path, array)
@@ -101,21 +157,30 @@ def _load_npz(path: Path) -> list[LatentItem]:
         meta: dict[str, Any] = {"source_format": "sd-scripts", "scaled": False}
         for extra in ("original_size", "crop_ltrb"):  # original_size is (width, height) before resizing
             if extra + suffix in arrays:
-                meta[f"sd_scripts_{extra}"] = [int(v) for v in np.asarray(arrays[extra + suffix]).reshape(-1)]
+                meta[f"sd_scripts_{extra}"] = _int_list(arrays[extra + suffix], path, extra + suffix)
         stem = path.stem if len(found) == 1 else f"{path.stem}{suffix}"
         items += split_batch(path, stem, validate_latent(arrays[key], path, f"array {key!r}"), meta)
     return items
 
 
+def _int_list(array: Any, path: Path, key: str) -> list[int]:
+    """A small integer array of an sd-scripts cache (original_size, crop_ltrb) as a list."""
+    a = np.asarray(array)
+    if a.dtype.kind not in "iuf" or a.size > 8 or not np.isfinite(a).all():
+        raise InputError(f"array {key!r} is not a few integers (dtype {a.dtype}, {a.size} values)", path)
+    return [int(v) for v in a.reshape(-1)]
+
+
 def _load_npy(path: Path) -> list[LatentItem]:
+    _magic(path, (NPY_MAGIC,), ".npy")
     try:
+        with path.open("rb") as f:
+            _check_npy_header(f, path.stat().st_size, path, "")
         array = np.load(path, allow_pickle=False)
     except ValueError as err:
-        if "pickle" in str(err):
-            raise InputError("holds pickled objects; refusing to load them", path) from None
-        raise InputError(f"truncated or corrupt .npy file: {err}", path) from None
+        raise InputError(f"truncated or corrupt .npy file: {first_line(err)}", path) from None
     except (OSError, EOFError) as err:
-        raise InputError(f"truncated or corrupt .npy file: {err}", path) from None
+        raise InputError(f"truncated or corrupt .npy file: {first_line(err)}", path) from None
     return split_batch(path, path.stem, validate_latent(array, path), {"source_format": "npy"})
 
 
@@ -147,6 +212,7 @@ LOADERS: dict[str, Callable[[Path], list[LatentItem]]] = {
 def load_latents(path: str | Path) -> list[LatentItem]:
     """Every latent in a file (a batch gives several items) or in a shard folder / its index.json."""
     path = Path(path)
+    check_utf8_name(path)
     if path.is_dir() or path.name.endswith("index.json"):
         return load_shard_dir(path if path.is_dir() else path.parent)
     if not path.exists():

@@ -73,7 +73,12 @@ class ManifestWriter:
 
 
 def _line(record: dict[str, Any]) -> str:
-    return json.dumps(record, sort_keys=True, default=str, ensure_ascii=False) + "\n"
+    text = json.dumps(record, sort_keys=True, default=str, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a file name that is not UTF-8: \udcff escapes keep it exact and the line valid JSON
+        text = json.dumps(record, sort_keys=True, default=str)
+    return text + "\n"
 
 
 def _ends_with_newline(path: Path) -> bool:

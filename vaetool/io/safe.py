@@ -2,7 +2,8 @@
 is read, and pickles only through `torch.load(weights_only=True)`.
 
 One reader for checkpoints and latent files alike; the caller passes the error class its users
-see (CheckpointError or InputError), so every failure is one line naming the file.
+see (CheckpointError or InputError), so every failure is one line naming the file. The one writer
+(write_safetensors) sorts the header, so equal tensors and metadata always give equal bytes.
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ from typing import Any
 
 import numpy as np
 import safetensors
+import safetensors.torch
 import torch
 
-from vaetool.errors import VaeToolError, first_line
+from vaetool.errors import VaeToolError, check_utf8_name, first_line
+from vaetool.limits import MAX_SAFETENSORS_HEADER
 
 __all__ = [
     "MAX_HEADER_BYTES", "UNSAFE_GLOBAL", "load_weights_only", "looks_like_safetensors",
-    "read_safetensors", "safetensors_header",
+    "read_safetensors", "safetensors_header", "write_safetensors",
 ]  # fmt: skip
 
-MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit on the JSON header
+MAX_HEADER_BYTES = MAX_SAFETENSORS_HEADER
 UNSAFE_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL (\S+)", re.IGNORECASE)  # torch's wordings vary by version
 TORCH_MAGIC = b"PK\x03\x04"  # torch.save's zip container
 PICKLE_PROTOCOL = b"\x80"  # a pickle of protocol 2 or later (torch's legacy format)
@@ -61,6 +64,7 @@ def _entry_end(name: str, entry: Any) -> int:
 
 def safetensors_header(path: Path, error: type[VaeToolError]) -> tuple[dict[str, Any], dict[str, str]]:
     """(tensor entries, __metadata__ strings) of a safetensors file, every entry checked against the file size."""
+    check_utf8_name(path, error)  # the safetensors library takes only UTF-8 paths
     size = path.stat().st_size
     if size == 0:
         raise error("empty file (0 bytes)", path)
@@ -95,6 +99,30 @@ def read_safetensors(path: Path, error: type[VaeToolError], keys: list[str] | No
             return {k: f.get_tensor(k) for k in (list(header) if keys is None else keys)}
     except Exception as err:
         raise error(f"corrupt safetensors file: {first_line(err)}", path) from None
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write tensors and string metadata as a safetensors file whose bytes depend only on them.
+
+    The library lays out the data (sorted by dtype and name) but writes its JSON header in hash
+    order, which differs from run to run; the header is rewritten with sorted keys, padded with
+    spaces to the 8-byte alignment the format keeps. Tensors sharing storage (views of one batch)
+    are copied, as the library refuses them.
+    """
+    storages: set[int] = set()
+    own = {}
+    for key, tensor in tensors.items():  # views of one batch share storage, which the library refuses
+        ptr = tensor.untyped_storage().data_ptr()
+        own[key] = tensor.clone() if ptr in storages else tensor
+        storages.add(ptr)
+    blob = safetensors.torch.save(own, metadata=metadata)
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        f.write(memoryview(blob)[8 + n :])
 
 
 def load_weights_only(path: Path, error: type[VaeToolError], what: str = "torch file") -> Any:

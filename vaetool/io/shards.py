@@ -17,13 +17,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import safetensors.torch
 import torch
 
 from vaetool.errors import InputError, OutputError, OutputExistsError
 from vaetool.io.atomic import atomic_write
 from vaetool.io.latent_item import FORMAT_VERSION, SHARD_FORMAT, LatentItem, validate_latent
-from vaetool.io.safe import read_safetensors, safetensors_header
+from vaetool.io.safe import read_safetensors, safetensors_header, write_safetensors
 
 __all__ = [
     "INDEX_FORMAT", "ShardWriteError", "ShardWriter", "load_shard", "load_shard_dir", "merge_shard_indexes", "rank_index_name",
@@ -52,8 +51,10 @@ def load_shard(path: str | Path) -> list[LatentItem]:
     _, meta = safetensors_header(path, InputError)
     try:
         items_meta = json.loads(meta.get("items", "{}"))
-    except ValueError:
+    except (ValueError, RecursionError):
         raise InputError("corrupt shard metadata (items is not JSON)", path) from None
+    if not isinstance(items_meta, dict) or not all(isinstance(v, dict) for v in items_meta.values()):
+        raise InputError("corrupt shard metadata (items is not a JSON object of per-item objects)", path)
     tensors = read_safetensors(path, InputError, list(shapes))
     out = []
     for key in sorted(shapes):
@@ -187,7 +188,7 @@ class ShardWriter:
         header = {"format": SHARD_FORMAT, "format_version": FORMAT_VERSION,
                   "items": json.dumps({k: m for k, (_, m) in self._pending.items()}, sort_keys=True, allow_nan=False)}
         try:
-            atomic_write(self.out_dir / name, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=header))
+            atomic_write(self.out_dir / name, lambda tmp: write_safetensors(tmp, tensors, header))
         except OSError as err:
             count = len(self._pending)
             self._pending.clear()
