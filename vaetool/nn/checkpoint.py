@@ -14,6 +14,7 @@ coders, the DDPM Model and the transformer blocks); `vaetool train` does so for 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -75,6 +76,14 @@ def checkpoint(func: Callable[..., Any], inputs: Sequence[Any], params: Iterable
         inputs = tuple(inputs)
         return CheckpointFunction.apply(func, len(inputs), *inputs, *tuple(params))
     return func(*inputs)
+
+
+def run_checkpointed(module: nn.Module, flag: bool, *inputs: Any, **kwargs: Any) -> Any:
+    """module(*inputs, **kwargs), checkpointed when `flag` and autograd is on (parameter-free modules run as they are)."""
+    if not (flag and torch.is_grad_enabled()) or next(module.parameters(), None) is None:
+        return module(*inputs, **kwargs)
+    params = [p for p in module.parameters() if p.requires_grad]
+    return checkpoint(functools.partial(module, **kwargs) if kwargs else module, inputs, params, True)
 
 
 def set_gradient_checkpointing(model: nn.Module, enabled: bool = True) -> int:
