@@ -16,7 +16,7 @@ import torch
 
 
 def betas_for_alpha_bar(num_diffusion_timesteps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999) -> np.ndarray:
-    """Betas that discretise alpha_bar(t), t in [0, 1] (the cumulative product of 1 - beta): beta_i = 1 - alpha_bar(t_i+1)/alpha_bar(t_i), capped."""
+    """Betas discretising alpha_bar(t), t in [0, 1] (the cumulative product of 1 - beta), each capped at max_beta."""
     n = num_diffusion_timesteps
     return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)], dtype=np.float64)
 
