@@ -46,11 +46,11 @@ class CheckpointFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *output_grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        # detached copies that require grad exactly where the originals do; view_as keeps a later
-        # in-place op in run_function from touching the saved tensors
-        inputs = [t.detach().requires_grad_(t.requires_grad).view_as(t) if isinstance(t, torch.Tensor) else t
-                  for t in ctx.input_tensors]
         with torch.random.fork_rng(devices=ctx.cuda_devices), torch.enable_grad():
+            # detached copies that require grad exactly where the originals do; view_as (made with
+            # autograd on) keeps an in-place op in run_function from touching the saved tensors
+            inputs = [t.detach().requires_grad_(t.requires_grad).view_as(t) if isinstance(t, torch.Tensor) else t
+                      for t in ctx.input_tensors]
             torch.set_rng_state(ctx.cpu_rng)
             for device, state in zip(ctx.cuda_devices, ctx.cuda_rng, strict=True):
                 torch.cuda.set_rng_state(state, device)
