@@ -17,7 +17,7 @@ from vaetool.nn.schedules import (
     make_ddim_sampling_parameters,
     make_ddim_timesteps,
 )
-from vaetool.nn.util import avg_pool_nd, mean_flat, noise_like, scale_module, zero_module
+from vaetool.nn.util import avg_pool_nd, default, exists, init_, max_neg_value, mean_flat, noise_like, scale_module, uniq, zero_module
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -122,3 +122,12 @@ def test_hybrid_conditioner_from_config() -> None:
     assert set(out) == {"c_concat", "c_crossattn"}
     assert out["c_concat"][0] is a and torch.allclose(out["c_crossattn"][0], cond.crossattn_conditioner(b))
     assert math.isclose(sum(p.numel() for p in cond.parameters()), 4 * 2 + 4)
+
+
+def test_small_helpers() -> None:
+    assert exists(0) and not exists(None)
+    assert default(None, 3) == 3 and default(0, 3) == 0
+    assert uniq([3, 1, 3, 2, 1]) == [3, 1, 2]
+    assert max_neg_value(torch.zeros(1, dtype=torch.float16)) == -65504.0
+    w = init_(torch.empty(200, 16))
+    assert w.abs().max() <= 0.25 and w.std() > 0.1  # U(-1/4, 1/4): std 0.144

@@ -48,6 +48,18 @@ def test_spatial_transformer_matches_transformer2d(use_linear: bool, context_dim
     assert _max_diff(got, expected) <= 1e-4
 
 
+def test_disable_self_attn_matches_only_cross_attention() -> None:
+    torch.manual_seed(0)
+    ref = diffusers.Transformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=32, cross_attention_dim=24,
+                                       only_cross_attention=True).eval()
+    _wake(ref)
+    ours = SpatialTransformer(32, 2, 16, context_dim=24, disable_self_attn=True).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x, ctx = torch.randn(2, 32, 4, 3), torch.randn(2, 5, 24)
+    with torch.no_grad():
+        assert _max_diff(ours(x, context=ctx), ref(x, encoder_hidden_states=ctx).sample) <= 1e-4
+
+
 def test_context_mask_matches_encoder_attention_mask() -> None:
     torch.manual_seed(0)
     ref = diffusers.Transformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=32, num_layers=2,

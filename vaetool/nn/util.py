@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
+
+T = TypeVar("T")
 
 POOLS: dict[int, type[nn.Module]] = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 
@@ -43,3 +47,30 @@ def noise_like(shape: tuple[int, ...], device: str | torch.device, repeat: bool 
     if repeat:
         return torch.randn((1, *shape[1:]), device=device).repeat(shape[0], *((1,) * (len(shape) - 1)))
     return torch.randn(shape, device=device)
+
+
+def exists(val: object) -> bool:
+    """`val is not None` (the attention code's idiom)."""
+    return val is not None
+
+
+def default(val: T | None, d: T) -> T:
+    """`val`, or `d` when it is None."""
+    return d if val is None else val
+
+
+def uniq(arr: Iterable[T]) -> list[T]:
+    """The distinct items of `arr` in first-seen order."""
+    return list(dict.fromkeys(arr))
+
+
+def max_neg_value(t: torch.Tensor) -> float:
+    """The most negative finite value of `t`'s floating dtype (a mask fill that stays finite)."""
+    return -torch.finfo(t.dtype).max
+
+
+def init_(tensor: torch.Tensor) -> torch.Tensor:
+    """Fill `tensor` in place from U(-1/sqrt(d), 1/sqrt(d)), d its last dimension; returns it."""
+    std = 1 / math.sqrt(tensor.shape[-1])
+    with torch.no_grad():
+        return tensor.uniform_(-std, std)
