@@ -26,8 +26,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-@pytest.mark.parametrize("use_linear", [False, True], ids=["conv", "linear"])
-@pytest.mark.parametrize(("context_dim", "depth"), [(None, 1), (24, 1), (24, 2), (None, 3)])
+@pytest.mark.parametrize(("context_dim", "depth", "use_linear"), [(None, 1, False), (24, 1, True), (24, 2, False), (None, 3, True)])
 def test_spatial_transformer_matches_transformer2d(use_linear: bool, context_dim: int | None, depth: int) -> None:
     torch.manual_seed(0)
     ref = diffusers.Transformer2DModel(
