@@ -83,9 +83,9 @@ def test_split_with_little_free_memory_matches_basic(monkeypatch: pytest.MonkeyP
     calls: list[int] = []
     real = A.attention_sliced
 
-    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slices: int) -> torch.Tensor:
+    def spy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slices: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         calls.append(slices)
-        return real(q, k, v, slices)
+        return real(q, k, v, slices, mask=mask)
 
     monkeypatch.setattr(A, "attention_sliced", spy)
     with A.limit_attention_memory(2 * 2 * 45 * 30):
@@ -99,11 +99,11 @@ def test_split_retries_with_twice_the_slices_after_oom(monkeypatch: pytest.Monke
     calls: list[int] = []
     real = A.attention_sliced
 
-    def first_fails(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slices: int) -> torch.Tensor:
+    def first_fails(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slices: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         calls.append(slices)
         if len(calls) == 1:
             raise torch.OutOfMemoryError("simulated out of memory")
-        return real(q, k, v, slices)
+        return real(q, k, v, slices, mask=mask)
 
     monkeypatch.setattr(A, "attention_sliced", first_fails)
     with A.use_attention("split"):
@@ -116,7 +116,7 @@ def test_split_reraises_when_slices_run_out(monkeypatch: pytest.MonkeyPatch) -> 
     q, k, v = qkv(1, 1, 10, 10, 4)
     calls: list[int] = []
 
-    def always_fails(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slices: int) -> torch.Tensor:
+    def always_fails(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slices: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         calls.append(slices)
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
 
@@ -130,7 +130,7 @@ def test_split_does_not_retry_other_errors(monkeypatch: pytest.MonkeyPatch) -> N
     q, k, v = qkv(1, 1, 10, 10, 4)
     calls: list[int] = []
 
-    def broken(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slices: int) -> torch.Tensor:
+    def broken(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slices: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         calls.append(slices)
         raise RuntimeError("shape mismatch")
 
@@ -170,9 +170,15 @@ def test_unknown_backend_lists_the_known_ones() -> None:
 
 
 def _fake_xformers(monkeypatch: pytest.MonkeyPatch) -> None:
-    def memory_efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # xformers' layout is [B, N, heads, d]
-        return A.attention_basic(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    def memory_efficient_attention(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # xformers' layout is [B, N, heads, d]; attn_bias is a dense [B, heads, Nq, Nk] tensor added to the scores
+        if attn_bias is not None:
+            assert attn_bias.shape == (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+            assert attn_bias.stride(-2) % 8 == 0  # rows 8-aligned, as xformers requires
+        out = A.attention_basic(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask=attn_bias)
+        return out.transpose(1, 2)
 
     ops = types.ModuleType("xformers.ops")
     ops.memory_efficient_attention = memory_efficient_attention  # type: ignore[attr-defined]

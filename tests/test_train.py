@@ -199,3 +199,26 @@ def test_init_logvar_starts_a_fresh_model_nearly_noiseless(tmp_path: Path) -> No
         with torch.no_grad():
             logvar = build_model(settings, None, False).encode_moments(x).chunk(2, dim=1)[1]
         assert lo < float(logvar.mean()) < hi, (value, float(logvar.mean()))
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path: Path) -> None:
+    from vaetool.train.loop import train
+
+    weights = {}
+    for flag in (False, True):
+        settings = load_train_settings(_config(tmp_path, steps=2, val_every=1000, gradient_checkpointing=flag))
+        assert settings.gradient_checkpointing is flag
+        result = train(settings, tmp_path / f"run-{flag}", warn=lambda msg: None)
+        weights[flag] = safetensors.torch.load_file(str(result.weights))
+    assert weights[True].keys() == weights[False].keys()
+    for key, value in weights[False].items():
+        torch.testing.assert_close(weights[True][key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_gradient_checkpointing_value_is_checked(tmp_path: Path) -> None:
+    from vaetool.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="gradient_checkpointing must be true or false, got 'yes'"):
+        load_train_settings(_config(tmp_path, gradient_checkpointing="yes"))
+    with pytest.raises(ConfigError, match="did you mean 'gradient_checkpointing'"):
+        load_train_settings(_config(tmp_path, gradient_checkpoint=True))

@@ -23,33 +23,56 @@ from vaetool.families import FAMILIES, LatentFormat
 from vaetool.limits import MAX_CONFIG_BYTES, MAX_CONFIG_NODES
 
 _AE = "vaetool.nn.autoencoder"
+_BLOCKS = "vaetool.nn.blocks"
 _CODERS = "vaetool.nn.coders"
 _TEMPORAL = "vaetool.nn.temporal"
-_REG = "vaetool.nn.distributions:DiagonalGaussianRegularizer"
+_DIST = "vaetool.nn.distributions"
+_XF = "vaetool.nn.transformer"
+_ST = "vaetool.nn.spatial_transformer"
+
+# The upstream code bases whose YAMLs vaetool reads: CompVis ldm, Stability sgm, and the ComfyUI
+# copy the seeds describe (`comfy.*`, and its Forge/Fooocus fork `ldm_patched.*`).
+_COMFY = ("comfy", "ldm_patched")
+_DIFFUSIONMODULES_MODEL = ("ldm.modules.diffusionmodules.model", "sgm.modules.diffusionmodules.model",
+                           *(f"{c}.ldm.modules.diffusionmodules.model" for c in _COMFY))
+_ATTENTION = ("ldm.modules.attention", "sgm.modules.attention", *(f"{c}.ldm.modules.attention" for c in _COMFY))
+_TEMPORAL_AE = ("sgm.modules.autoencoding.temporal_ae", *(f"{c}.ldm.modules.temporal_ae" for c in _COMFY))
+_AUTOENCODER = ("sgm.models.autoencoder", *(f"{c}.ldm.models.autoencoder" for c in _COMFY))
+_UTIL = tuple(f"{c}.ldm.modules.diffusionmodules.util" for c in _COMFY)
+
+# "module:Class" -> the upstream modules that define a class of that name
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    f"{_AE}:AutoencoderKL": ("ldm.models.autoencoder", *_AUTOENCODER),
+    f"{_AE}:AutoencodingEngine": _AUTOENCODER,
+    f"{_AE}:AutoencodingEngineLegacy": _AUTOENCODER,
+    f"{_CODERS}:Encoder": _DIFFUSIONMODULES_MODEL,
+    f"{_CODERS}:Decoder": _DIFFUSIONMODULES_MODEL,
+    "vaetool.nn.unet:Model": _DIFFUSIONMODULES_MODEL,
+    f"{_BLOCKS}:ResnetBlock": _DIFFUSIONMODULES_MODEL,
+    f"{_BLOCKS}:AttnBlock": _DIFFUSIONMODULES_MODEL,
+    f"{_TEMPORAL}:VideoDecoder": _TEMPORAL_AE,
+    f"{_TEMPORAL}:VideoResBlock": _TEMPORAL_AE,
+    f"{_TEMPORAL}:AE3DConv": _TEMPORAL_AE,
+    f"{_TEMPORAL}:AttnVideoBlock": _TEMPORAL_AE,
+    f"{_XF}:CrossAttention": _ATTENTION,
+    f"{_XF}:BasicTransformerBlock": _ATTENTION,
+    f"{_ST}:SpatialTransformer": _ATTENTION,
+    f"{_ST}:SpatialVideoTransformer": ("sgm.modules.video_attention", *(f"{c}.ldm.modules.attention" for c in _COMFY)),
+    f"{_DIST}:DiagonalGaussianRegularizer": ("sgm.modules.autoencoding.regularizers", *(f"{c}.ldm.models.autoencoder" for c in _COMFY)),
+    f"{_DIST}:IdentityRegularizer": ("sgm.modules.autoencoding.regularizers",),
+    "vaetool.nn.blending:AlphaBlender": ("sgm.modules.diffusionmodules.util", *_UTIL),
+    "vaetool.nn.conditioning:HybridConditioner": ("ldm.modules.diffusionmodules.util", *_UTIL),
+}
 
 # target name -> "module:attribute"; only modules inside vaetool (and torch for Identity/optimizers).
 TARGETS: dict[str, str] = {
-    # vaetool's own short names
-    "vaetool.AutoencoderKL": f"{_AE}:AutoencoderKL",
-    "vaetool.AutoencodingEngine": f"{_AE}:AutoencodingEngine",
-    "vaetool.AutoencodingEngineLegacy": f"{_AE}:AutoencodingEngineLegacy",
-    "vaetool.Encoder": f"{_CODERS}:Encoder",
-    "vaetool.Decoder": f"{_CODERS}:Decoder",
-    "vaetool.VideoDecoder": f"{_TEMPORAL}:VideoDecoder",
-    "vaetool.DiagonalGaussianRegularizer": _REG,
+    # vaetool's own short names: vaetool.<Class>
+    **{f"vaetool.{spec.split(':')[1]}": spec for spec in UPSTREAM},
     # upstream names used by published YAMLs
-    "ldm.models.autoencoder.AutoencoderKL": f"{_AE}:AutoencoderKL",
-    "sgm.models.autoencoder.AutoencoderKL": f"{_AE}:AutoencoderKL",
+    **{f"{module}.{spec.split(':')[1]}": spec for spec, modules in UPSTREAM.items() for module in modules},
     "sgm.models.autoencoder.AutoencoderKLInferenceWrapper": f"{_AE}:AutoencoderKL",
-    "sgm.models.autoencoder.AutoencodingEngine": f"{_AE}:AutoencodingEngine",
-    "sgm.models.autoencoder.AutoencodingEngineLegacy": f"{_AE}:AutoencodingEngineLegacy",
-    "sgm.modules.diffusionmodules.model.Encoder": f"{_CODERS}:Encoder",
-    "sgm.modules.diffusionmodules.model.Decoder": f"{_CODERS}:Decoder",
-    "ldm.modules.diffusionmodules.model.Encoder": f"{_CODERS}:Encoder",
-    "ldm.modules.diffusionmodules.model.Decoder": f"{_CODERS}:Decoder",
-    "sgm.modules.autoencoding.temporal_ae.VideoDecoder": f"{_TEMPORAL}:VideoDecoder",
-    "sgm.modules.autoencoding.regularizers.DiagonalGaussianRegularizer": _REG,
     "torch.nn.Identity": "torch.nn:Identity",
+    "torch.nn.Conv2d": "torch.nn:Conv2d",
     # optimizers (AbstractAutoencoder builds its optimizer from config)
     "torch.optim.Adam": "torch.optim:Adam",
     "torch.optim.AdamW": "torch.optim:AdamW",
@@ -69,8 +92,9 @@ def resolve_target(target: str) -> Any:
     """The class or function an allowed `target` names; ConfigError listing the allowed ones otherwise."""
     spec = TARGETS.get(target)
     if spec is None:
-        allowed = ", ".join(sorted(t for t in TARGETS if not t.startswith("vaetool.nn.")))
-        raise ConfigError(f"target {target!r} is not allowed; allowed targets: {allowed}")
+        shown = sorted(t for t in TARGETS if not t.startswith(("vaetool.nn.", *(f"{c}." for c in _COMFY))))
+        raise ConfigError(f"target {target!r} is not allowed; allowed targets: {', '.join(shown)} "
+                          f"(and the comfy.* / ldm_patched.* names of the same classes)")
     module, attr = spec.split(":")
     return getattr(importlib.import_module(module), attr)
 

@@ -1,9 +1,10 @@
-"""Key tables: diffusers AutoencoderKL / AutoencoderKLTemporalDecoder names -> original LDM/sgm names.
+"""Key tables: diffusers AutoencoderKL / AutoencoderKLTemporalDecoder names -> original LDM/sgm names,
+and diffusers UNet2DModel (the DDPM layout) -> the original DDPM `Model` (`unet_to_original`).
 
 A diffusers key is `<container>.<suffix>`. CONTAINERS maps a container pattern to its original
 name and says which suffix table applies; the SUFFIXES tables map the rest of the key. Named
 groups in a container pattern are copied into the template; `rev` is the diffusers up-block index
-(original index = levels - 1 - rev) and `inc` a 0-based index that becomes 1-based.
+(original index = levels - 1 - rev), `inc` a 0-based index that becomes 1-based and `dec` the reverse.
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ def _attn_to_4d(key: str, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _map_key(key: str, levels: int) -> str | None:
-    for pattern, template, suffixes in _COMPILED:
+def _map_key(key: str, levels: int, table: list | None = None) -> str | None:
+    for pattern, template, suffixes in _COMPILED if table is None else table:
         m = pattern.fullmatch(key)
         if m is None or m["suffix"] not in suffixes:
             continue
@@ -119,6 +120,8 @@ def _map_key(key: str, levels: int) -> str | None:
             groups["rev"] = str(levels - 1 - int(groups["rev"]))
         if "inc" in groups:
             groups["inc"] = str(int(groups["inc"]) + 1)
+        if "dec" in groups:
+            groups["dec"] = str(int(groups["dec"]) - 1)
         return f"{template.format(**groups)}.{suffixes[m['suffix']]}"
     return None
 
@@ -142,4 +145,43 @@ def to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{len(unmapped)} diffusers key(s) have no original-layout equivalent: {', '.join(sorted(unmapped)[:5])}"
         )
+    return out
+
+
+# diffusers UNet2DModel with DownBlock2D / AttnDownBlock2D, UpBlock2D / AttnUpBlock2D and UNetMidBlock2D
+_UNET_SUFFIXES: dict[str, dict[str, str]] = {
+    "plain": SUFFIXES["plain"],
+    "res": _with_leaves(_RES_PARTS | {"time_emb_proj": "temb_proj"}),
+    "attn": SUFFIXES["attn"],
+}
+UNET_CONTAINERS: list[tuple[str, str, str]] = [
+    (r"(?P<n>conv_in|conv_out)", "{n}", "plain"),
+    (r"conv_norm_out", "norm_out", "plain"),
+    (r"time_embedding\.linear_(?P<dec>\d+)", "temb.dense.{dec}", "plain"),
+    (r"down_blocks\.(?P<i>\d+)\.resnets\.(?P<j>\d+)", "down.{i}.block.{j}", "res"),
+    (r"down_blocks\.(?P<i>\d+)\.attentions\.(?P<j>\d+)", "down.{i}.attn.{j}", "attn"),
+    (r"down_blocks\.(?P<i>\d+)\.downsamplers\.0\.conv", "down.{i}.downsample.conv", "plain"),
+    (r"up_blocks\.(?P<rev>\d+)\.resnets\.(?P<j>\d+)", "up.{rev}.block.{j}", "res"),
+    (r"up_blocks\.(?P<rev>\d+)\.attentions\.(?P<j>\d+)", "up.{rev}.attn.{j}", "attn"),
+    (r"up_blocks\.(?P<rev>\d+)\.upsamplers\.0\.conv", "up.{rev}.upsample.conv", "plain"),
+    (r"mid_block\.resnets\.(?P<inc>\d+)", "mid.block_{inc}", "res"),
+    (r"mid_block\.attentions\.0", "mid.attn_1", "attn"),
+]
+_UNET_COMPILED = [(re.compile(rf"{pat}\.(?P<suffix>.+)"), tmpl, _UNET_SUFFIXES[t]) for pat, tmpl, t in UNET_CONTAINERS]
+UNET_ATTN_PROJ = re.compile(r"(mid\.attn_1|(down|up)\.\d+\.attn\.\d+)\.(q|k|v|proj_out)\.weight")
+
+
+def unet_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers UNet2DModel state dict (DDPM layout) -> vaetool.nn.unet.Model keys; unmapped keys are an error."""
+    levels = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"up_blocks\.(\d+)\.", k))), default=-1)
+    out: dict[str, torch.Tensor] = {}
+    unmapped: list[str] = []
+    for key, value in sd.items():
+        new = _map_key(key, levels, _UNET_COMPILED)
+        if new is None:
+            unmapped.append(key)
+            continue
+        out[new] = value.reshape(*value.shape, 1, 1) if UNET_ATTN_PROJ.fullmatch(new) and value.ndim == 2 else value
+    if unmapped:
+        raise CheckpointError(f"{len(unmapped)} UNet2DModel key(s) have no DDPM-layout equivalent: {', '.join(sorted(unmapped)[:5])}")
     return out

@@ -36,12 +36,23 @@ EXACT_HALO = 2  # exact tiling halo per stage, in pixels of that stage's resolut
 
 @dataclass(frozen=True)
 class Step:
-    """One block of the coder: `level` is log2 of its input's downscale from the image."""
+    """One block of the coder: `level` is log2 of its input's downscale from the image.
 
-    kind: str  # conv | res | vres | attn | up | down | head | copy
+    Transformer attention blocks (xattn: a SpatialTransformer as the decoder's attn_op, xvattn its
+    video variant) also carry their heads, inner width and depth.
+    """
+
+    kind: str  # conv | res | vres | attn | vattn | xattn | xvattn | up | down | head | copy
     cin: int
     cout: int
     level: int
+    heads: int = 1
+    inner: int = 0
+    depth: int = 1
+
+
+ATTN_KINDS = frozenset({"attn", "vattn", "xattn", "xvattn"})  # global steps: they run on the whole map
+FF_WIDTH = 17  # a GEGLU feed-forward holds ~17 token widths at its peak (LN, 8x projection, 4x gelu, 4x product)
 
 
 @dataclass(frozen=True)
@@ -60,8 +71,19 @@ def _res_kind(block: nn.Module) -> str:
     return "vres" if hasattr(block, "time_stack") else "res"
 
 
+def _attn_step(block: nn.Module, channels: int, level: int) -> Step | None:
+    """The Step of one attention block, told apart by structure (AttnBlock, AttnVideoBlock, the spatial transformers)."""
+    if hasattr(block, "transformer_blocks"):
+        attn1 = block.transformer_blocks[0].attn1
+        kind = "xvattn" if hasattr(block, "time_stack") else "xattn"
+        return Step(kind, channels, channels, level, attn1.heads, attn1.heads * attn1.dim_head, len(block.transformer_blocks))
+    if hasattr(block, "time_mix_block"):
+        return Step("vattn", channels, channels, level)
+    return Step("attn", channels, channels, level) if hasattr(block, "proj_out") else None  # NoAttn: nothing
+
+
 def _attn_steps(blocks: Any, channels: int, level: int) -> list[Step]:
-    return [Step("attn", channels, channels, level) for b in blocks if hasattr(b, "proj_out")]
+    return [st for b in blocks if (st := _attn_step(b, channels, level)) is not None]
 
 
 def _encoder_steps(enc: nn.Module, quant: nn.Module | None) -> list[Step]:
@@ -177,9 +199,20 @@ def _step_cost(st: Step, hw: tuple[int, int], b: int, elem: int, ctx: dict[str, 
         if st.kind == "vres":  # the temporal stack after the spatial block (not calibrated)
             peak = max(peak, 5 * co + ws * co)
         return int(peak), int(co)
-    if st.kind == "attn":
+    if st.kind in ("attn", "vattn"):
         work = _attention_bytes(ctx["attention"], b, px, st.cin, elem, ctx["device"])
-        return int(max(4 * ci + ws * ci, 5 * ci + work, 6 * ci)), int(ci)
+        peak = max(4 * ci + ws * ci, 5 * ci + work, 6 * ci)
+        if st.kind == "vattn":  # then a transformer block across frames (one clip of b frames at worst), not calibrated
+            frames = _attention_bytes(ctx["attention"], px, b, st.cin, elem, ctx["device"])
+            peak = max(peak, 3 * ci + max(5 * ci + frames, FF_WIDTH * ci))
+        return int(peak), int(ci)
+    if st.kind in ("xattn", "xvattn"):  # x, the tokens, then per block attention or feed-forward (not calibrated)
+        tok = act(st.inner)
+        d = st.inner // st.heads
+        work = _attention_bytes(ctx["attention"], b * st.heads, px, d, elem, ctx["device"])
+        frames = _attention_bytes(ctx["attention"], px * st.heads, b, d, elem, ctx["device"]) if st.kind == "xvattn" else 0
+        kept = ci + tok * (3 if st.kind == "xvattn" else 1)  # the video variant keeps the spatial tokens and the mix
+        return int(kept + max(5 * tok + max(work, frames), FF_WIDTH * tok, ws * ci + tok)), int(ci)
     if st.kind == "up":
         return int(8 * ci + 4 * ws * ci), int(4 * ci)
     if st.kind == "down":
@@ -291,7 +324,7 @@ def estimate_tile_peak(
         peak = 0
         for st in steps:
             full_hw = _size(height, width, st.level)
-            if st.kind == "attn":  # global: on the whole latent, which is held in full
+            if st.kind in ATTN_KINDS:  # global: on the whole latent, which is held in full
                 extra, out = _step_cost(st, full_hw, batch, elem, ctx)
                 peak = max(peak, extra + out)
                 continue

@@ -182,10 +182,13 @@ class NoAttn(nn.Module):
         return x
 
 
+# attn_type -> block. "linear" (and use_linear_attn) builds the vanilla block, as the seeds' make_attn
+# does; weights of CompVis ldm's LinAttnBlock (to_qkv, to_out) do not load into it (a strict-load error).
 ATTN_TYPES: dict[str, type[nn.Module]] = {
     "vanilla": AttnBlock,
     "vanilla-xformers": AttnBlock,
     "memory-efficient-cross-attn": AttnBlock,
+    "linear": AttnBlock,
     "none": NoAttn,
 }
 

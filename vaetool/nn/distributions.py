@@ -1,4 +1,4 @@
-"""The diagonal Gaussian posterior of a KL autoencoder and the regularizer that samples it."""
+"""The diagonal Gaussian posterior of a KL autoencoder, the regularizer that samples it, and the identity regularizer."""
 
 from __future__ import annotations
 
@@ -67,3 +67,14 @@ class DiagonalGaussianRegularizer(nn.Module):
         latent = posterior.sample(generator) if self.sample else posterior.mode()
         kl = posterior.kl()  # [B]
         return latent, {"kl_loss": kl.sum() / kl.shape[0]}
+
+
+class IdentityRegularizer(nn.Module):
+    """sgm's IdentityRegularizer: the encoder output is the latent as is (no KL, nothing logged)."""
+
+    def get_trainable_parameters(self) -> list[nn.Parameter]:
+        """The regularizer has no trainable parameters."""
+        return []
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return z, {}

@@ -9,7 +9,7 @@ batch (one clip). Parameter names match sgm checkpoints (`time_stack.in_layers.2
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import torch
@@ -256,28 +256,19 @@ class VideoDecoder(Decoder):
                 f"choose one of {', '.join(VIDEO_MERGE_STRATEGIES)}"
             )
         _kernel3d(video_kernel_size)  # validate early
-        # set before Decoder.__init__, which calls the _make_* factories below
         self.video_kernel_size = list(video_kernel_size) if not isinstance(video_kernel_size, int) else video_kernel_size
         self.alpha, self.merge_strategy, self.time_mode = alpha, merge_strategy, time_mode
-        self.temporal_parts = TIME_MODES[time_mode]
+        self.temporal_parts = parts = TIME_MODES[time_mode]
+        # the seeds' VideoDecoder: the temporal blocks go to the Decoder as its ops
+        kwargs["conv_out_op"] = partialclass(AE3DConv, video_kernel_size=self.video_kernel_size) if parts.conv else Conv2DWrapper
+        if parts.attn:
+            kwargs["attn_op"] = functools.partial(make_time_attn, attn_type=kwargs.get("attn_type", "vanilla"),
+                                                  alpha=alpha, merge_strategy=merge_strategy)
+        if parts.res:
+            kwargs["resnet_op"] = partialclass(
+                VideoResBlock, video_kernel_size=self.video_kernel_size, alpha=alpha, merge_strategy=merge_strategy
+            )
         super().__init__(*args, **kwargs)
-
-    def _make_resblock(self) -> Callable[..., nn.Module]:
-        if not self.temporal_parts.res:
-            return super()._make_resblock()
-        return partialclass(
-            VideoResBlock, video_kernel_size=self.video_kernel_size, alpha=self.alpha, merge_strategy=self.merge_strategy
-        )
-
-    def _make_attn(self) -> Callable[..., nn.Module]:
-        if not self.temporal_parts.attn:
-            return super()._make_attn()
-        return functools.partial(make_time_attn, alpha=self.alpha, merge_strategy=self.merge_strategy)
-
-    def _make_conv(self) -> Callable[..., nn.Module]:
-        if not self.temporal_parts.conv:
-            return Conv2DWrapper
-        return partialclass(AE3DConv, video_kernel_size=self.video_kernel_size)
 
     def get_last_layer(self, skip_time_mix: bool = False, **kwargs: object) -> torch.Tensor:
         """conv_out's time_mix_conv weight (or the Conv2d weight with `skip_time_mix` or without one)."""

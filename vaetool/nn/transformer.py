@@ -1,8 +1,9 @@
-"""Transformer pieces used by the temporal decoder: GEGLU, FeedForward, CrossAttention,
-BasicTransformerBlock, and the diffusion-model style `timestep_embedding`.
+"""Transformer pieces: GEGLU, FeedForward, CrossAttention, BasicTransformerBlock, and the
+diffusion-model style `timestep_embedding` (used by the temporal decoder and the spatial transformers).
 
 State-dict names follow upstream (`ff.net.0.proj`, `ff.net.2`, `attn1.to_q`, `attn1.to_out.0`, ...).
-All attention goes through `vaetool.nn.attention.attention`, so the backend is chosen at call time.
+All attention goes through `vaetool.nn.attention.attention`, so the backend is chosen at call time;
+a mask (CrossAttention's `mask`, the block's `context_mask`) makes it a backend that takes masks.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaetool.nn.attention import attention
+from vaetool.nn.checkpoint import checkpoint
 
 
 def timestep_embedding(
@@ -103,13 +105,23 @@ class CrossAttention(nn.Module):
         return t.reshape(b, n, self.heads, self.dim_head).transpose(1, 2)  # [B, heads, N, d]
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor | None = None, value: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [B, N, query_dim], context [B, M, context_dim] (default x), value (default context) -> [B, N, query_dim]."""
+        """x [B, N, query_dim], context [B, M, context_dim] (default x), value (default context) -> [B, N, query_dim].
+
+        `mask` broadcasts to [B, heads, N, M] ([N, M], [B, N, M] gain the missing leading dims): bool
+        True attends, a float mask is added to the scores (see vaetool.nn.attention).
+        """
         context = x if context is None else context
         value = context if value is None else value
         q, k, v = self._split(self.to_q(x)), self._split(self.to_k(context)), self._split(self.to_v(value))
-        out = attention(q, k, v)  # [B, heads, N, d]
+        if mask is not None and mask.ndim == 3:
+            mask = mask[:, None]  # [B, N, M] -> [B, 1, N, M]: the same for every head
+        out = attention(q, k, v, mask=mask)  # [B, heads, N, d]
         b, _, n, _ = out.shape
         out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)  # [B, N, inner]
         return self.to_out(out)
@@ -122,7 +134,10 @@ class BasicTransformerBlock(nn.Module):
     output feed-forwards get residuals only when inner_dim == dim (`is_res`). attn1 is self-attention
     unless `disable_self_attn`; attn2 attends over `context`, or over its own input when
     `switch_temporal_ca_to_sa` or when no context is given; `disable_temporal_crossattention` drops it.
-    `checkpoint` is accepted for config compatibility (gradient checkpointing is not used here).
+    `context_mask` [B, M] (bool True: attend; float: added) masks the context tokens for every
+    attention whose keys are the context. `checkpoint` (default True, as upstream) recomputes the
+    block's activations in backward instead of keeping them (vaetool.nn.checkpoint); it is also
+    reachable as `gradient_checkpointing`.
     """
 
     def __init__(
@@ -133,7 +148,7 @@ class BasicTransformerBlock(nn.Module):
         dropout: float = 0.0,
         context_dim: int | None = None,
         gated_ff: bool = True,
-        checkpoint: bool = False,
+        checkpoint: bool = True,
         ff_in: bool = False,
         inner_dim: int | None = None,
         disable_self_attn: bool = False,
@@ -167,14 +182,37 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(inner_dim)
         self.checkpoint = checkpoint
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, N, dim], context [B, M, context_dim] or None -> [B, N, dim]."""
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """The `checkpoint` flag under the name vaetool.nn.checkpoint.set_gradient_checkpointing sets."""
+        return self.checkpoint
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        self.checkpoint = enabled
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B, N, dim], context [B, M, context_dim] or None, context_mask [B, M] or None -> [B, N, dim]."""
+        return checkpoint(self._forward, (x, context, context_mask), self.parameters(), self.checkpoint)
+
+    def _forward(
+        self, x: torch.Tensor, context: torch.Tensor | None, context_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        if context is None:
+            context_mask = None
+        elif context_mask is not None and context_mask.ndim == 2:
+            context_mask = context_mask[:, None, None, :]  # [B, M] -> [B, 1, 1, M]: every head and query
         if self.use_ff_in:
             h = self.ff_in(self.norm_in(x))  # [B, N, inner]
             x = x + h if self.is_res else h
-        x = x + self.attn1(self.norm1(x), context=context if self.disable_self_attn else None)
+        over_context = self.disable_self_attn and context is not None
+        x = x + self.attn1(self.norm1(x), context=context if over_context else None,
+                           mask=context_mask if over_context else None)
         if self.attn2 is not None:
-            n = self.norm2(x)
-            x = x + self.attn2(n, context=None if self.switch_temporal_ca_to_sa else context)
+            over_context = not self.switch_temporal_ca_to_sa and context is not None
+            x = x + self.attn2(self.norm2(x), context=context if over_context else None,
+                               mask=context_mask if over_context else None)
         h = self.ff(self.norm3(x))  # [B, N, dim]
         return x + h if self.is_res else h

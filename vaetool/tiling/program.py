@@ -19,7 +19,7 @@ from torch import nn
 
 from vaetool.nn.blocks import AttnBlock, Downsample, NoAttn, ResnetBlock, Upsample, is_plain_3x3, upsample_conv_phases
 from vaetool.nn.coders import Decoder, Encoder
-from vaetool.nn.temporal import AE3DConv, VideoResBlock
+from vaetool.nn.temporal import AE3DConv, Conv2DWrapper, VideoResBlock
 
 TensorFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -240,6 +240,8 @@ def _attn(p: Program, m: nn.Module, x: str) -> str:
 def _block(p: Program, m: nn.Module, x: str) -> str:
     """Dispatch one module of a coder level by type."""
     if isinstance(m, ResnetBlock):
+        if type(m).forward not in (ResnetBlock.forward, VideoResBlock.forward):  # a custom resnet_op
+            raise TilingUnsupported(f"res block {type(m).__name__} has its own forward and cannot be tiled")
         return _resnet(p, m, x)
     if isinstance(m, Upsample):
         window = conv_window(m.conv) if m.with_conv else IDENTITY
@@ -304,6 +306,8 @@ def decoder_program(model: nn.Module, frames: int = 1) -> Program:
         return p
     act = torch.tanh if dec.tanh_out else None
     conv_out = dec.conv_out
+    if type(conv_out).forward not in (nn.Conv2d.forward, Conv2DWrapper.forward, AE3DConv.forward):  # a custom conv_out_op
+        raise TilingUnsupported(f"output conv {type(conv_out).__name__} cannot be tiled")
     if isinstance(conv_out, AE3DConv):  # Conv2d, then a Conv3d across frames of its output
         x = p.add(WindowOp(x, p.slot(), conv_window(conv_out), _norm(dec.norm_out)))
         p.add(WindowOp(x, p.slot(), conv3d_window(conv_out.time_mix_conv, frames), act=act))

@@ -19,11 +19,12 @@ import yaml
 from vaetool import __version__
 from vaetool.checkpoints import load_checkpoint, load_into
 from vaetool.config import instantiate_from_config
-from vaetool.errors import CheckpointError
+from vaetool.errors import CheckpointError, ConfigError
 from vaetool.io.atomic import atomic_write, remove_stale_temps
 from vaetool.io.images import to_uint8
 from vaetool.metrics import psnr
 from vaetool.nn.autoencoder import AutoencodingEngine
+from vaetool.nn.checkpoint import set_gradient_checkpointing
 from vaetool.train.data import center_crop, load_folder_images, random_batch, to_unit
 from vaetool.train.settings import TrainSettings
 
@@ -73,6 +74,8 @@ def build_model(settings: TrainSettings, init: str | Path | None, decoder_only: 
         for module in (model.encoder, getattr(model, "quant_conv", None)):
             if module is not None:
                 module.requires_grad_(False)
+    if settings.gradient_checkpointing and set_gradient_checkpointing(model) == 0:
+        raise ConfigError("gradient_checkpointing: the model has no blocks that support it", settings.source)
     model.ema_decay, model.use_ema = settings.ema_decay, True
     model._init_ema()  # shadows only the trainable parameters
     return model

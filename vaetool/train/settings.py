@@ -56,6 +56,7 @@ class TrainSettings:
     steps: int = 1000
     ema_decay: float = 0.999
     init_logvar: float | None = None  # a fresh model's posterior log-variance bias (e.g. -8: near-noiseless latents)
+    gradient_checkpointing: bool = False  # recompute each res/attention block in backward: less memory, more time
     checkpoint_every: int = 100
     val_every: int = 100
     log_every: int = 10
@@ -124,6 +125,8 @@ def load_train_settings(path: str | Path, overrides: dict[str, Any] | None = Non
         raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {settings.schedule!r}", path)
     if settings.data.crop % 8 or settings.data.crop <= 0:
         raise ConfigError(f"data.crop must be a positive multiple of 8, got {settings.data.crop}", path)
+    if not isinstance(settings.gradient_checkpointing, bool):
+        raise ConfigError(f"gradient_checkpointing must be true or false, got {settings.gradient_checkpointing!r}", path)
     if settings.steps <= 0 or settings.data.batch_size <= 0:
         raise ConfigError("steps and data.batch_size must be positive", path)
     return settings
