@@ -21,6 +21,9 @@ _AE = "vaetool.nn.autoencoder"
 _CODERS = "vaetool.nn.coders"
 _TEMPORAL = "vaetool.nn.temporal"
 _REG = "vaetool.nn.distributions:DiagonalGaussianRegularizer"
+_WAN = "vaetool.nn.wan"
+_FLUX2 = "vaetool.nn.flux2"
+_TAESD = "vaetool.nn.taesd"
 
 # target name -> "module:attribute"; only modules inside vaetool (and torch for Identity/optimizers).
 TARGETS: dict[str, str] = {
@@ -32,6 +35,11 @@ TARGETS: dict[str, str] = {
     "vaetool.Decoder": f"{_CODERS}:Decoder",
     "vaetool.VideoDecoder": f"{_TEMPORAL}:VideoDecoder",
     "vaetool.DiagonalGaussianRegularizer": _REG,
+    "vaetool.WanVAE": f"{_WAN}:WanVAE",
+    "vaetool.Flux2Autoencoder": f"{_FLUX2}:Flux2Autoencoder",
+    "vaetool.Flux2Encoder": f"{_FLUX2}:Flux2Encoder",
+    "vaetool.Flux2Decoder": f"{_FLUX2}:Flux2Decoder",
+    "vaetool.TAESD": f"{_TAESD}:TAESD",
     # upstream names used by published YAMLs
     "ldm.models.autoencoder.AutoencoderKL": f"{_AE}:AutoencoderKL",
     "sgm.models.autoencoder.AutoencoderKL": f"{_AE}:AutoencoderKL",
@@ -158,6 +166,9 @@ def _checkpoint_path(doc: dict[str, Any], source: str) -> Path | None:
     return next((c for c in candidates if c.exists()), candidates[0])
 
 
+_FIELD_TYPES: dict[str, type] = {"channels": int, "downscale": int, "patch": int, "scale": float, "shift": float}
+
+
 def _latent_format(doc: dict[str, Any], model_params: dict[str, Any], source: str) -> LatentFormat | None:
     fmt = doc.get("latent_format")
     family = doc.get("family")
@@ -168,14 +179,13 @@ def _latent_format(doc: dict[str, Any], model_params: dict[str, Any], source: st
     if family and base is None and fmt is None:
         raise ConfigError(f"unknown family {family!r} and no latent_format given", source)
     fmt = fmt or {}
+    if not isinstance(fmt, dict):
+        raise ConfigError(f"latent_format must be a mapping, got {type(fmt).__name__}", source)
+    fields = (base.as_dict() if base else {"channels": 0, "scale": 1.0}) | fmt
+    fields["family"] = str(family or fmt.get("family", "custom"))
     try:
-        return LatentFormat(
-            family=str(family or fmt.get("family", "custom")),
-            channels=int(fmt.get("channels", base.channels if base else 0)),
-            scale=float(fmt.get("scale", base.scale if base else 1.0)),
-            shift=float(fmt.get("shift", base.shift if base else 0.0)),
-            downscale=int(fmt.get("downscale", base.downscale if base else 8)),
-        )
+        fields |= {k: _FIELD_TYPES[k](v) for k, v in fields.items() if k in _FIELD_TYPES}
+        return LatentFormat.from_dict(fields)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"bad latent_format: {err}", source) from None
 
