@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -22,3 +23,18 @@ def runner() -> CliRunner:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Add seeded noise to every parameter (breaking default inits such as norm weights all 1) and set eval."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def perturb() -> Callable[..., torch.nn.Module]:
+    """`perturb(model, seed=0)`: a random model whose swapped or misnamed weights change its output."""
+    return _perturb

@@ -45,7 +45,7 @@ class Vae:
     @property
     def downscale(self) -> int:
         """Spatial factor between image and latent (8 for f8 models)."""
-        return 2 ** (self.model.encoder.num_resolutions - 1)
+        return self.model.downscale
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Vae:
         """Move the weights; returns self."""

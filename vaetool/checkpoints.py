@@ -3,8 +3,9 @@
 read_state_dict (safetensors, or pickles through torch.load(weights_only=True) only) ->
 extract_vae (unwrap nesting, find the VAE prefix, optional EMA weights) -> to_original
 (diffusers names -> LDM/sgm names, see keymaps.py) -> config_from_state_dict (architecture from
-key names and shapes). load_into checks every key and shape before loading into a model.
-No model is built here.
+key names and shapes). The Wan, Flux.2 and TAESD architectures take their own path at the
+renaming and config steps (vaetool.archs; `convert_any` picks). load_into checks every key and
+shape before loading into a model. No model is built here.
 """
 
 from __future__ import annotations
@@ -18,20 +19,24 @@ from typing import Any
 
 import torch
 
+from vaetool.archs import VAE_MARKERS as ARCH_MARKERS
+from vaetool.archs import VAE_ROOTS as ARCH_ROOTS
+from vaetool.archs import convert, find_architecture
 from vaetool.errors import CheckpointError
 from vaetool.families import guess_families
 from vaetool.io.safe import load_weights_only, looks_like_safetensors, read_safetensors, safetensors_header
 from vaetool.keymaps import detect_layout, to_original
 
 __all__ = [
-    "Extracted", "LoadedCheckpoint", "config_from_state_dict", "describe", "detect_layout",
+    "Extracted", "LoadedCheckpoint", "config_from_state_dict", "convert_any", "describe", "detect_layout",
     "extract_vae", "load_checkpoint", "load_into", "read_safetensors_metadata", "read_state_dict", "to_original",
 ]
 
 SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
 # where the VAE lives inside a file, in order of preference
 VAE_PREFIXES = ("", "first_stage_model.", "vae.", "model.", "conditioner.embedders.1.encoder.")
-VAE_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+VAE_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", *ARCH_ROOTS)
+VAE_MARKERS = ("encoder.conv_in.weight", "decoder.conv_in.weight", *ARCH_MARKERS)  # one of these shows the prefix
 WRAPPERS = ("model", "module")  # {"model": {...}} is unwrapped when it is the only key
 EMA_PREFIX = "model_ema."  # LitEma: model_ema.<parameter name without dots>, .decay, .num_updates
 RESOLUTION = 256  # nominal; only used to express attn_resolutions
@@ -94,10 +99,7 @@ def _unwrap(obj: dict[str, Any]) -> dict[str, Any]:
 def extract_vae(sd: dict[str, Any], *, ema: bool = False) -> Extracted:
     """Find the VAE weights (by prefix table) in a raw checkpoint dict; with ema=True use its model_ema copies."""
     tensors = {k: v for k, v in _unwrap(sd).items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    prefix = next(
-        (p for p in VAE_PREFIXES if f"{p}encoder.conv_in.weight" in tensors or f"{p}decoder.conv_in.weight" in tensors),
-        None,
-    )
+    prefix = next((p for p in VAE_PREFIXES if any(f"{p}{marker}" in tensors for marker in VAE_MARKERS)), None)
     if prefix is None:
         seen = ", ".join(sorted(tensors)[:5]) or "no tensors at all"
         tried = ", ".join(repr(p) for p in VAE_PREFIXES)
@@ -216,22 +218,33 @@ def config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     }
 
 
+def _counts(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    dtypes: dict[str, int] = {}
+    for v in sd.values():
+        dtypes[str(v.dtype).removeprefix("torch.")] = dtypes.get(str(v.dtype).removeprefix("torch."), 0) + 1
+    return {"tensors": len(sd), "parameters": sum(v.numel() for v in sd.values()), "dtypes": dtypes}
+
+
+def convert_any(sd: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+    """(layout, original-layout dict, model config) of a prefix-free VAE dict of any supported architecture."""
+    if (arch := find_architecture(sd)) is not None:
+        return convert(arch, sd, config_from_state_dict)
+    original = to_original(sd)
+    return detect_layout(sd), original, config_from_state_dict(original)
+
+
 def describe(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Layout, architecture summary, parameter count and dtypes of a prefix-free VAE state dict (for `info`)."""
+    if (arch := find_architecture(sd)) is not None:
+        layout, _, config = convert(arch, sd, config_from_state_dict)
+        return {"layout": layout, "architecture": arch.name} | _counts(sd) | arch.describe(config)
     layout = detect_layout(sd)
     cfg = config_from_state_dict(to_original(sd))["params"]
     enc, dec = cfg["encoder_config"]["params"], cfg["decoder_config"]["params"]
     downscale = 2 ** (len(enc["ch_mult"]) - 1)
     time_mode = dec.get("time_mode")
     families = [f for f in guess_families(cfg["embed_dim"], downscale) if (f == "svd") == bool(time_mode)]
-    dtypes: dict[str, int] = {}
-    for v in sd.values():
-        dtypes[str(v.dtype).removeprefix("torch.")] = dtypes.get(str(v.dtype).removeprefix("torch."), 0) + 1
-    return {
-        "layout": layout,
-        "tensors": len(sd),
-        "parameters": sum(v.numel() for v in sd.values()),
-        "dtypes": dtypes,
+    return {"layout": layout} | _counts(sd) | {
         "latent_channels": cfg["embed_dim"],
         "downscale": downscale,
         "ch": enc["ch"],
@@ -297,6 +310,8 @@ def _set_norm_groups(config: dict[str, Any], value: str | None) -> None:
     if not value.isdigit() or int(value) < 1:
         raise CheckpointError(f"metadata norm_groups must be a positive integer, got {value!r}")
     for coder in ("encoder_config", "decoder_config"):
+        if coder not in config["params"]:
+            raise CheckpointError(f"metadata norm_groups is for GroupNorm VAEs; a {config['target']} has none")
         config["params"][coder]["params"]["norm_groups"] = int(value)
 
 
@@ -306,9 +321,7 @@ def load_checkpoint(path: str | Path, *, ema: bool = False) -> LoadedCheckpoint:
     raw = read_state_dict(path)
     try:
         found = extract_vae(raw, ema=ema)
-        layout = detect_layout(found.state_dict)
-        sd = to_original(found.state_dict)
-        config = config_from_state_dict(sd)
+        layout, sd, config = convert_any(found.state_dict)
         metadata = read_safetensors_metadata(path) if looks_like_safetensors(path) else {}
         _set_norm_groups(config, metadata.get("norm_groups"))
     except CheckpointError as err:

@@ -29,6 +29,9 @@ _TEMPORAL = "vaetool.nn.temporal"
 _DIST = "vaetool.nn.distributions"
 _XF = "vaetool.nn.transformer"
 _ST = "vaetool.nn.spatial_transformer"
+_WAN = "vaetool.nn.wan"
+_FLUX2 = "vaetool.nn.flux2"
+_TAESD = "vaetool.nn.taesd"
 
 # The upstream code bases whose YAMLs vaetool reads: CompVis ldm, Stability sgm, and the ComfyUI
 # copy the seeds describe (`comfy.*`, and its Forge/Fooocus fork `ldm_patched.*`).
@@ -62,6 +65,12 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
     f"{_DIST}:IdentityRegularizer": ("sgm.modules.autoencoding.regularizers",),
     "vaetool.nn.blending:AlphaBlender": ("sgm.modules.diffusionmodules.util", *_UTIL),
     "vaetool.nn.conditioning:HybridConditioner": ("ldm.modules.diffusionmodules.util", *_UTIL),
+    # the newer families: no upstream YAML targets exist; vaetool's own names only
+    f"{_WAN}:WanVAE": (),
+    f"{_FLUX2}:Flux2Autoencoder": (),
+    f"{_FLUX2}:Flux2Encoder": (),
+    f"{_FLUX2}:Flux2Decoder": (),
+    f"{_TAESD}:TAESD": (),
 }
 
 # target name -> "module:attribute"; only modules inside vaetool (and torch for Identity/optimizers).
@@ -247,6 +256,9 @@ def _checkpoint_path(doc: dict[str, Any], source: str) -> Path | None:
     return next((c for c in candidates if c.exists()), candidates[0])
 
 
+_FIELD_TYPES: dict[str, type] = {"channels": int, "downscale": int, "patch": int, "scale": float, "shift": float}
+
+
 def _latent_format(doc: dict[str, Any], model_params: dict[str, Any], source: str) -> LatentFormat | None:
     fmt = doc.get("latent_format")
     family = doc.get("family")
@@ -263,15 +275,12 @@ def _latent_format(doc: dict[str, Any], model_params: dict[str, Any], source: st
         raise ConfigError(f"unknown family {family!r} and no latent_format given", source)
     fmt = fmt or {}
     if not isinstance(fmt, dict):
-        raise ConfigError(f"latent_format must be a mapping (channels, scale, shift, downscale), not a {type(fmt).__name__}", source)
+        raise ConfigError(f"latent_format must be a mapping, got {type(fmt).__name__}", source)
+    fields = (base.as_dict() if base else {"channels": 0, "scale": 1.0}) | fmt
+    fields["family"] = str(family or fmt.get("family", "custom"))
     try:
-        return LatentFormat(
-            family=str(family or fmt.get("family", "custom")),
-            channels=int(fmt.get("channels", base.channels if base else 0)),
-            scale=float(fmt.get("scale", base.scale if base else 1.0)),
-            shift=float(fmt.get("shift", base.shift if base else 0.0)),
-            downscale=int(fmt.get("downscale", base.downscale if base else 8)),
-        )
+        fields |= {k: _FIELD_TYPES[k](v) for k, v in fields.items() if k in _FIELD_TYPES}
+        return LatentFormat.from_dict(fields)
     except (TypeError, ValueError, OverflowError) as err:
         raise ConfigError(f"latent_format: {first_line(err)}", source) from None
 

@@ -64,7 +64,8 @@ ENGINE_RULES: dict[str, Rule] = {
     "use_quant_conv": FLAG,
     "use_post_quant_conv": FLAG,
 }
-VAE_CLASSES = ("AutoencoderKL", "AutoencodingEngine", "AutoencodingEngineLegacy")
+OWN_CHECKS: tuple[str, ...] = ("WanVAE", "Flux2Autoencoder", "TAESD")  # newer families: their constructors check their params
+VAE_CLASSES = ("AutoencoderKL", "AutoencodingEngine", "AutoencodingEngineLegacy", *OWN_CHECKS)
 # AutoencodingEngine's sub-configs -> the classes each may name
 ROLES: dict[str, tuple[str, ...]] = {
     "encoder_config": ("Encoder",),
@@ -91,10 +92,11 @@ def target_class(cfg: Any, targets: dict[str, str], source: str, key: str, allow
     spec = targets.get(target)
     name = spec.rsplit(":", 1)[1] if spec else ""
     if name not in allowed:
-        fitting = sorted(t for t, s in targets.items() if s.rsplit(":", 1)[1] in allowed and not t.startswith("vaetool.nn."))
+        fitting = sorted({f"vaetool.{s.rsplit(':', 1)[1]}" for s in targets.values() if s.rsplit(":", 1)[1] in allowed})
         role = "an autoencoder" if allowed == VAE_CLASSES else " or ".join(allowed)
         problem = "is not allowed" if spec is None else f"builds {name}, not {role}"
-        raise ConfigError(f"{_join(key, 'target')} {target!r} {problem}; allowed here: {', '.join(fitting)}", source)
+        raise ConfigError(f"{_join(key, 'target')} {target!r} {problem}; allowed here: {', '.join(fitting)} "
+                          "(or their ldm/sgm/comfy names)", source)
     params = cfg.get("params") or {}
     if not isinstance(params, dict):
         raise _fail(source, _join(key, "params"), "a mapping", params)
@@ -126,6 +128,8 @@ def _coder_weights(params: dict[str, Any], source: str, key: str, decoder: bool)
 def check_vae(vae: Any, targets: dict[str, str], source: str, key: str = "") -> None:
     """ConfigError naming `source` and the dotted key of the first bad value in the VAE config found at `key`."""
     name = target_class(vae, targets, source, key, VAE_CLASSES)
+    if name in OWN_CHECKS:
+        return
     params = vae.get("params") or {}
     pkey = _join(key, "params")
     _check_rules(params, ENGINE_RULES if name == "AutoencodingEngine" else ENGINE_RULES | {"embed_dim": POSITIVE}, source, pkey)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from vaetool.cli.common import Debug, console
@@ -63,7 +64,7 @@ def _table(summary: dict[str, Any]) -> Table:
             value = f"{value:,}"
         elif isinstance(value, (dict, list)):
             value = json.dumps(value)
-        table.add_row(key.replace("_", " "), str(value))
+        table.add_row(key.replace("_", " "), escape(str(value)))  # "[false, true]" is not Rich markup
     return table
 
 

@@ -125,6 +125,11 @@ class AutoencodingEngine(AbstractAutoencoder):
             self.post_quant_conv = nn.Conv2d(self.embed_dim, z_channels, 1)
         self._init_ema()
 
+    @property
+    def downscale(self) -> int:
+        """Image pixels per latent pixel, per side (8 for f8 models)."""
+        return 2 ** (self.encoder.num_resolutions - 1)
+
     def get_last_layer(self) -> torch.Tensor:
         """The decoder's output conv weight."""
         return self.decoder.get_last_layer()
