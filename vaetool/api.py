@@ -13,7 +13,7 @@ import torch
 from vaetool import tiling as tiled
 from vaetool.config import instantiate_from_config, load_vae_config
 from vaetool.errors import ConfigError, UsageError
-from vaetool.families import LatentFormat, get_family
+from vaetool.families import LatentFormat, bind_statistics, get_family
 from vaetool.nn.autoencoder import AutoencodingEngine
 from vaetool.tiling import Tiling
 
@@ -92,7 +92,7 @@ def _resolve_format(
     model: AutoencodingEngine, declared: LatentFormat | None, family: str | None, source: str
 ) -> LatentFormat:
     channels = int(model.embed_dim)
-    downscale = 2 ** (model.encoder.num_resolutions - 1)
+    downscale = int(model.downscale)
     if family is not None:
         try:
             fmt = get_family(family)
@@ -110,7 +110,10 @@ def _resolve_format(
             f"but the model has {channels}-channel f{downscale} latents",
             source,
         )
-    return fmt
+    try:
+        return bind_statistics(fmt, model)  # Flux.2: the BatchNorm statistics in the checkpoint
+    except ValueError as err:
+        raise ConfigError(str(err), source) from None
 
 
 def load_vae(

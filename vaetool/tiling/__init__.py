@@ -95,7 +95,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def downscale(model: torch.nn.Module) -> int:
     """Spatial factor between image and latent of an AutoencodingEngine-like model."""
-    return 2 ** (_unwrap(model).encoder.num_resolutions - 1)
+    return int(_unwrap(model).downscale)
 
 
 def choose(
@@ -108,6 +108,10 @@ def choose(
     model = _unwrap(model)
     if tiling.mode == "off":
         return Choice("off", None, batch)
+    if not plannable(model):  # a family without a memory estimate or tile program yet: untiled only
+        if tiling.mode == "auto":
+            return Choice("off", None, batch)
+        raise ConfigError(f"--tile {tiling.mode} is not available for {type(model).__name__} models yet; use --tile auto or off")
     if tiling.mode != "auto" and tiling.tile_size is not None:
         return Choice(tiling.mode, tiling.tile_size, batch)
     weight = next(model.parameters())
@@ -125,6 +129,14 @@ def choose(
     if plan.fits_untiled:
         return Choice("off", None, plan.batch_size) if tiling.mode == "auto" else Choice(mode, max(height, width), plan.batch_size)
     return Choice(mode, plan.tile, plan.batch_size)
+
+
+def plannable(model: torch.nn.Module) -> bool:
+    """Whether the memory planner and the tiled programs know this model's architecture (the SD-family coders)."""
+    from vaetool.nn.coders import Decoder, Encoder
+
+    model = _unwrap(model)
+    return type(getattr(model, "encoder", None)) is Encoder and type(getattr(model, "decoder", None)) in (Decoder, VideoDecoder)
 
 
 def _is_oom(err: BaseException) -> bool:
