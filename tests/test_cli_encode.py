@@ -300,7 +300,7 @@ def test_unwritable_output_dir(runner, tree: Path, tmp_path: Path) -> None:
     result = _encode(runner, str(tree), "-o", str(blocker / "out"), *MODEL)
     assert result.exit_code == 1
     assert str(blocker / "out") in result.stderr and "cannot create the output folder" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert len([line for line in result.stderr.strip().splitlines() if not line.startswith("warning: tiny-f8: random")]) == 1
 
 
 # ---------------------------------------------------------------- the engine
