@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vaetool.errors import InputError, OutputError, VaeToolError
-from vaetool.families import LatentFormat, get_family
+from vaetool.families import LatentFormat, as_numbers, get_family
 from vaetool.io.latent_item import LatentItem
 from vaetool.jobs.common import RunOptions, engine_options, png_text
 from vaetool.pipeline import Job, Loaded, Stages, Summary, run_pipeline
@@ -64,9 +64,10 @@ def recorded_format(meta: dict[str, Any], fallback: LatentFormat, path: Path) ->
     """The scale/shift a file recorded (explicit numbers, else its family), else `fallback` (the model's)."""
     if "scale" in meta:
         try:
-            return LatentFormat(str(meta.get("family", "recorded")), fallback.channels, float(meta["scale"]), float(meta.get("shift", 0.0)))
-        except (TypeError, ValueError):
-            raise InputError(f"metadata scale/shift are not numbers: {meta['scale']!r}, {meta.get('shift')!r}", path) from None
+            return LatentFormat(str(meta.get("family", "recorded")), fallback.channels, as_numbers(meta["scale"]),
+                                as_numbers(meta.get("shift", 0.0)))
+        except (TypeError, ValueError) as err:
+            raise InputError(f"bad metadata scale/shift {meta['scale']!r}, {meta.get('shift')!r}: {err}", path) from None
     if isinstance(meta.get("family"), str):
         try:
             return get_family(meta["family"])
