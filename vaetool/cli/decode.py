@@ -27,11 +27,13 @@ from vaetool.cli.common import (
     QuietOpt,
     RecursiveOpt,
     Reporter,
+    SubfolderOpt,
     TileMode,
     TileOpt,
     TileSizeOpt,
     VerboseOpt,
     model_spec,
+    note,
     print_summary,
     run_options,
 )  # fmt: skip
@@ -56,6 +58,7 @@ def command(
     fail_fast: FailFastOpt = False,
     config: ConfigOpt = None,
     checkpoint: CheckpointOpt = None,
+    subfolder: SubfolderOpt = None,
     model: ModelOpt = None,
     family: FamilyOpt = None,
     ema: EmaOpt = False,
@@ -78,12 +81,12 @@ def command(
 
     if not inputs and files_from is None:
         raise UsageError("give latent files, folders or globs (or --files-from LIST)")
-    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention)
+    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, subfolder)
     run_options(tile, tile_size, max_memory, batch_size)  # check the compute options before any work
     files = collect_inputs(inputs or [], recursive=recursive, files_from=files_from, suffixes=LATENT_SUFFIXES)
     if not files:
         raise InputError(f"no latent files ({', '.join(LATENT_SUFFIXES)}) found", " ".join(inputs or [files_from or ""]))
-    vae = load_model(spec)
+    vae = load_model(spec, on_notice=note)
     settings = DecodeSettings(output, scaled, 16 if bits16 else 8, overwrite)
     with Reporter(None, quiet=quiet, verbose=verbose, label="decoding") as reporter:
         run = run_options(tile, tile_size, max_memory, batch_size, fail_fast=fail_fast, reporter=reporter)

@@ -28,11 +28,13 @@ from vaetool.cli.common import (
     QuietOpt,
     RecursiveOpt,
     Reporter,
+    SubfolderOpt,
     TileMode,
     TileOpt,
     TileSizeOpt,
     VerboseOpt,
     model_spec,
+    note,
     print_summary,
     run_options,
 )  # fmt: skip
@@ -85,6 +87,7 @@ def command(
     workers: Annotated[int, typer.Option("--workers", min=1, help="Threads decoding input files.")] = 2,
     config: ConfigOpt = None,
     checkpoint: CheckpointOpt = None,
+    subfolder: SubfolderOpt = None,
     model: ModelOpt = None,
     family: FamilyOpt = None,
     ema: EmaOpt = False,
@@ -109,7 +112,7 @@ def command(
 
     if not inputs and files_from is None:
         raise UsageError("give image files, folders or globs, or --files-from LIST")
-    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention)
+    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, subfolder)
     run_options(tile, tile_size, max_memory, batch_size)  # check the compute options before any work
     rank, world = rank_and_world()
     settings = EncodeSettings(
@@ -121,7 +124,7 @@ def command(
     prepare_output(output)
     manifest_path = manifest or output / "manifest.jsonl"
     part = rank_manifest_path(manifest_path, rank) if world > 1 else manifest_path
-    vae = load_model(spec)
+    vae = load_model(spec, on_notice=note)
     label = "encoding" if world == 1 else f"rank {rank}/{world}"
     with ManifestWriter(part) as records, Reporter(len(mine), quiet=quiet, verbose=verbose, label=label) as reporter:
         run = run_options(tile, tile_size, max_memory, batch_size, workers=workers, fail_fast=fail_fast, reporter=reporter)

@@ -32,12 +32,14 @@ from vaetool.cli.common import (
     QuietOpt,
     RecursiveOpt,
     Reporter,
+    SubfolderOpt,
     TileMode,
     TileOpt,
     TileSizeOpt,
     VerboseOpt,
     console,
     model_spec,
+    note,
     run_options,
     say,
 )  # fmt: skip
@@ -123,6 +125,7 @@ def command(
     fail_fast: FailFastOpt = False,
     config: ConfigOpt = None,
     checkpoint: CheckpointOpt = None,
+    subfolder: SubfolderOpt = None,
     model: ModelOpt = None,
     family: FamilyOpt = None,
     ema: EmaOpt = False,
@@ -152,10 +155,10 @@ def command(
     defaults = (limits.min_psnr, limits.min_ssim, limits.max_diff)
     limits = Thresholds(*(g if g is not None else d for g, d in zip(given, defaults, strict=True)))
     settings = RoundtripSettings(output, golden, update_golden, limits)
-    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention)
+    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, subfolder)
     run_options(tile, tile_size, max_memory, batch_size)  # check the compute options before any work
     files = collect_inputs(inputs or [], recursive=recursive, files_from=files_from)
-    vae = load_model(spec)
+    vae = load_model(spec, on_notice=note)
     with Reporter(len(files), quiet=quiet, verbose=verbose, label="round trip") as reporter:
         run = run_options(tile, tile_size, max_memory, batch_size, fail_fast=fail_fast, reporter=reporter)
         with attention_scope(spec.attention):

@@ -25,10 +25,12 @@ from vaetool.cli.common import (
     MaxMemoryOpt,
     ModelOpt,
     QuietOpt,
+    SubfolderOpt,
     TileMode,
     TileOpt,
     TileSizeOpt,
     model_spec,
+    note,
     run_options,
     say,
 )
@@ -78,6 +80,7 @@ def command(
     overwrite: OverwriteOpt = False,
     config: ConfigOpt = None,
     checkpoint: CheckpointOpt = None,
+    subfolder: SubfolderOpt = None,
     model: ModelOpt = None,
     family: FamilyOpt = None,
     ema: EmaOpt = False,
@@ -98,11 +101,11 @@ def command(
 
     job = VideoAction(action.value)
     check_outputs(job, output, overwrite)
-    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention)
+    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, subfolder)
     tiling = run_options(tile, tile_size, max_memory, batch_size).tiling
     settings = VideoSettings(fps=fps, resize=resize, chunk_frames=chunk_frames, overlap=overlap, scaled=scaled, overwrite=overwrite,
                              batch_size=batch_size, tiling=tiling)
-    vae = load_model(spec)
+    vae = load_model(spec, on_notice=note)
     muted = quiet  # notes go to stderr, so --json output stays clean without muting them
     with attention_scope(spec.attention):
         summary = run_video(job, vae, input_path, output, settings,
