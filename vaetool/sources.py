@@ -33,9 +33,9 @@ def load_folder(folder: Path, *, subfolder: str | None = None, ema: bool = False
     for coder in ("encoder_config", "decoder_config"):
         loaded.config["params"][coder]["params"]["norm_groups"] = cfg.norm_num_groups
     sub = folder_of(config_name)
-    where = {"diffusers_config": str(cfg.path), "class": cfg.class_name} | ({"subfolder": sub} if sub else {})
+    found = {"diffusers_config": str(cfg.path), "class": cfg.class_name} | ({"subfolder": sub} if sub else {})
     return dataclasses.replace(
-        loaded, latent_format=latent_format(cfg), force_upcast=cfg.force_upcast, origin=(origin or {}) | where
+        loaded, latent_format=latent_format(cfg), force_upcast=cfg.force_upcast, origin=(origin or {}) | found
     )
 
 
