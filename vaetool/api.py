@@ -120,6 +120,7 @@ def load_vae(
     config: str | Path | None = None,
     checkpoint: str | Path | None = None,
     *,
+    subfolder: str | None = None,
     family: str | None = None,
     ema: bool = False,
     overrides: list[str] | None = None,
@@ -131,8 +132,11 @@ def load_vae(
 
     A config without weights is an error unless it is a test model (`test_model: true`) or
     `random_weights=True` asks for random weights; those are then recorded in `vae.source`.
+    `checkpoint` is a weights file, a diffusers folder (its config.json is honoured; `subfolder` picks
+    the VAE inside a pipeline, vae/ by default) or a Hugging Face repo id "ORG/NAME[@REV]" (a str).
     """
-    from vaetool.checkpoints import load_checkpoint, load_into
+    from vaetool.checkpoints import load_into
+    from vaetool.sources import advised_dtype, check_family, open_checkpoint
 
     if config is None and checkpoint is None:
         config = DEFAULT_MODEL
@@ -140,7 +144,10 @@ def load_vae(
     source: dict[str, Any] = {"config": None if vcfg is None else vcfg.source}
     if checkpoint is None and vcfg is not None and vcfg.checkpoint is not None:
         checkpoint = vcfg.checkpoint
-    loaded = load_checkpoint(checkpoint, ema=ema) if checkpoint is not None else None
+    loaded = open_checkpoint(checkpoint, ema=ema, subfolder=subfolder) if checkpoint is not None else None
+    if vcfg is not None and loaded is not None and "diffusers_config" in loaded.origin:
+        raise ConfigError("a diffusers folder brings its own config.json: give it without --config/--model "
+                          "(--family names the family)", loaded.origin["diffusers_config"])
     model_cfg = vcfg.model if vcfg is not None else loaded.config
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # a config without weights gets the same random weights in every process
@@ -158,7 +165,14 @@ def load_vae(
         load_into(model, loaded.state_dict, loaded.path)
         source |= {"checkpoint": str(loaded.path), "sha256": loaded.sha256, "layout": loaded.layout, "ema": loaded.used_ema}
     model.eval().requires_grad_(False)
-    fmt = _resolve_format(model, None if vcfg is None else vcfg.latent_format, family, str(checkpoint or config))
+    declared = vcfg.latent_format if vcfg is not None else (loaded.latent_format if loaded is not None else None)
+    fmt = _resolve_format(model, declared, family, str(checkpoint or config))
+    if loaded is not None:
+        check_family(loaded.latent_format, fmt, str(checkpoint))
+        source |= loaded.origin
     source["family"] = fmt.family
+    dtype, note = advised_dtype(loaded, dtype)
+    if note is not None:
+        source["notes"] = [note]
     return Vae(model=model, latent_format=fmt, source=source).to(device, dtype)
 

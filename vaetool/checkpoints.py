@@ -23,7 +23,7 @@ from vaetool.archs import VAE_MARKERS as ARCH_MARKERS
 from vaetool.archs import VAE_ROOTS as ARCH_ROOTS
 from vaetool.archs import convert, find_architecture
 from vaetool.errors import CheckpointError
-from vaetool.families import guess_families
+from vaetool.families import LatentFormat, guess_families
 from vaetool.io.safe import load_weights_only, looks_like_safetensors, read_safetensors, safetensors_header
 from vaetool.keymaps import detect_layout, to_original
 
@@ -292,6 +292,9 @@ class LoadedCheckpoint:
     used_ema: bool
     path: Path
     metadata: dict[str, str] = field(default_factory=dict)
+    latent_format: LatentFormat | None = None  # what the checkpoint's own config declares (a diffusers config.json)
+    force_upcast: bool = False  # that config advises against running in fp16
+    origin: dict[str, str] = field(default_factory=dict)  # where it came from beyond the file: config.json, repo, revision
 
     @cached_property
     def sha256(self) -> str:

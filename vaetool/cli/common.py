@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -87,13 +86,20 @@ ConfigOpt = Annotated[
     str | None, typer.Option("--config", "-c", help="YAML config (or shipped config name) of the VAE.", rich_help_panel=MODEL_PANEL)
 ]
 CheckpointOpt = Annotated[
-    Path | None,
-    typer.Option("--checkpoint", help="Weights: .safetensors, or .ckpt/.pt/.pth/.bin (weights_only).", rich_help_panel=MODEL_PANEL),
+    str | None,
+    typer.Option("--checkpoint", help="Weights: .safetensors, or .ckpt/.pt/.pth/.bin (weights_only); a diffusers folder "
+                 "(its config.json is honoured); or a Hugging Face repo id ORG/NAME[@REV] (from the local cache; needs "
+                 "vaetool[hub]).", rich_help_panel=MODEL_PANEL),
+]
+SubfolderOpt = Annotated[
+    str | None,
+    typer.Option("--subfolder", help="The VAE's folder inside a diffusers pipeline folder or repo (default: vae).",
+                 rich_help_panel=MODEL_PANEL),
 ]
 ModelOpt = Annotated[
     str | None,
-    typer.Option("--model", "-m", help="Shipped config name (sd1, sdxl, sd3, flux, tiny-f8, ...); the default model when "
-                 "no --config/--checkpoint.", rich_help_panel=MODEL_PANEL),
+    typer.Option("--model", "-m", help="Shipped config name (sd1, sdxl, sd3, flux, tiny-f8, ...) or a Hugging Face repo id "
+                 "ORG/NAME[@REV]; the default model when no --config/--checkpoint.", rich_help_panel=MODEL_PANEL),
 ]
 FamilyOpt = Annotated[
     str | None,
@@ -146,13 +152,13 @@ FailFastOpt = Annotated[bool, typer.Option("--fail-fast", help="Stop at the firs
 
 
 def model_spec(
-    config: str | None, checkpoint: Path | None, model: str | None, family: str | None, ema: bool, device: Device, dtype: Dtype,
-    attention: str | None, random_weights: bool = False,
+    config: str | None, checkpoint: str | None, model: str | None, family: str | None, ema: bool, device: Device, dtype: Dtype,
+    attention: str | None, random_weights: bool = False, subfolder: str | None = None,
 ) -> ModelSpec:
     """The ModelSpec of the model options every command takes."""
     from vaetool.jobs.common import ModelSpec
 
-    return ModelSpec(config, checkpoint, model, family, ema, device.value, dtype.value, attention, random_weights)
+    return ModelSpec(config, checkpoint, model, family, ema, device.value, dtype.value, attention, random_weights, subfolder)
 
 
 def load(spec: ModelSpec) -> Vae:
@@ -164,7 +170,7 @@ def load(spec: ModelSpec) -> Vae:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)  # said below, in the command's words
-        vae = load_model(spec)
+        vae = load_model(spec, on_notice=note)
     if vae.source.get("random_weights"):
         name = vae.source.get("config_name") or vae.source.get("config")
         say(f"warning: {name}: random weights (a test model or --random-weights): the outputs mean nothing and are "
@@ -188,6 +194,11 @@ def run_options(
 def say(text: str) -> None:
     """One line on stderr, as it is (no markup)."""
     err_console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def note(text: str) -> None:
+    """A one-off note on stderr (e.g. how the model was loaded)."""
+    say(f"note: {text}")
 
 
 class Reporter:

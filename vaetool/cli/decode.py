@@ -28,6 +28,7 @@ from vaetool.cli.common import (
     RandomWeightsOpt,
     RecursiveOpt,
     Reporter,
+    SubfolderOpt,
     TileMode,
     TileOpt,
     TileSizeOpt,
@@ -58,6 +59,7 @@ def command(
     fail_fast: FailFastOpt = False,
     config: ConfigOpt = None,
     checkpoint: CheckpointOpt = None,
+    subfolder: SubfolderOpt = None,
     model: ModelOpt = None,
     family: FamilyOpt = None,
     ema: EmaOpt = False,
@@ -81,7 +83,7 @@ def command(
 
     if not inputs and files_from is None:
         raise UsageError("give latent files, folders or globs (or --files-from LIST)")
-    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, random_weights)
+    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, random_weights, subfolder)
     run_options(tile, tile_size, max_memory, batch_size)  # check the compute options before any work
     files = collect_inputs(inputs or [], recursive=recursive, files_from=files_from, suffixes=LATENT_SUFFIXES)
     if not files:

@@ -29,6 +29,7 @@ from vaetool.cli.common import (
     RandomWeightsOpt,
     RecursiveOpt,
     Reporter,
+    SubfolderOpt,
     TileMode,
     TileOpt,
     TileSizeOpt,
@@ -87,6 +88,7 @@ def command(
     workers: Annotated[int, typer.Option("--workers", min=1, help="Threads decoding input files.")] = 2,
     config: ConfigOpt = None,
     checkpoint: CheckpointOpt = None,
+    subfolder: SubfolderOpt = None,
     model: ModelOpt = None,
     family: FamilyOpt = None,
     ema: EmaOpt = False,
@@ -112,7 +114,7 @@ def command(
 
     if not inputs and files_from is None:
         raise UsageError("give image files, folders or globs, or --files-from LIST")
-    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, random_weights)
+    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, random_weights, subfolder)
     run_options(tile, tile_size, max_memory, batch_size)  # check the compute options before any work
     rank, world = rank_and_world()
     settings = EncodeSettings(

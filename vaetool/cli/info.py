@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vaetool.cli.common import Debug, console
+from vaetool.cli.common import Debug, SubfolderOpt, console
 
 NAME = "info"
 HELP = "Describe a VAE checkpoint or config: layout, family, architecture, parameters, dtype."
@@ -33,21 +33,28 @@ def describe_config(name_or_path: str) -> dict[str, Any]:
     return summary
 
 
-def describe_checkpoint(path: Path, *, ema: bool, family: str | None) -> dict[str, Any]:
-    """Summary of a checkpoint file; the model is built and loaded strictly to verify every key and shape."""
-    from vaetool.checkpoints import describe, load_checkpoint, load_into
+def describe_checkpoint(path: str | Path, *, ema: bool, family: str | None, subfolder: str | None = None) -> dict[str, Any]:
+    """Summary of a checkpoint file, diffusers folder or repo id; the model is built and loaded strictly to verify it."""
+    from vaetool.checkpoints import describe, load_into
     from vaetool.config import instantiate_from_config
     from vaetool.families import get_family
+    from vaetool.sources import check_family, open_checkpoint
 
-    loaded = load_checkpoint(path, ema=ema)
-    load_into(instantiate_from_config(loaded.config), loaded.state_dict, path)
-    summary: dict[str, Any] = {"kind": "checkpoint", "path": str(path), "size_bytes": path.stat().st_size}
+    loaded = open_checkpoint(path, ema=ema, subfolder=subfolder)
+    load_into(instantiate_from_config(loaded.config), loaded.state_dict, loaded.path)
+    summary: dict[str, Any] = {"kind": "checkpoint", "path": str(path), "size_bytes": loaded.path.stat().st_size}
     summary |= describe(loaded.state_dict)
     summary["layout"] = loaded.layout
+    summary["norm_groups"] = loaded.config["params"]["encoder_config"]["params"].get("norm_groups", 32)
     summary |= {"prefix": loaded.prefix, "has_ema": loaded.has_ema, "used_ema": loaded.used_ema}
     recorded = family or loaded.metadata.get("family")
     summary["family"] = recorded
     summary["latent_format"] = get_family(recorded).as_dict() if recorded and family else None
+    if loaded.latent_format is not None:  # a diffusers config.json declares it
+        chosen = get_family(family) if family else loaded.latent_format
+        check_family(loaded.latent_format, chosen, str(path))
+        summary |= {"family": chosen.family, "latent_format": {**chosen.as_dict(), "family": chosen.family}}
+        summary |= {"force_upcast": loaded.force_upcast, **loaded.origin, "weights": str(loaded.path)}
     summary["metadata"] = loaded.metadata
     summary["sha256"] = loaded.sha256
     return summary
@@ -69,23 +76,27 @@ def _table(summary: dict[str, Any]) -> Table:
 
 
 def command(
-    path: Annotated[str, typer.Argument(help="A checkpoint (.safetensors/.ckpt/.pt/.pth/.bin), a YAML config, or a shipped config name.")],
+    path: Annotated[str, typer.Argument(help="A checkpoint (.safetensors/.ckpt/.pt/.pth/.bin), a diffusers folder, a Hugging Face "
+                                        "repo id ORG/NAME[@REV], a YAML config, or a shipped config name.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (for scripts).")] = False,
     ema: Annotated[bool, typer.Option("--ema", help="Describe the EMA weights of a training checkpoint.")] = False,
     family: Annotated[str | None, typer.Option("--family", help="Family of the checkpoint (sd1, sdxl, sd3, flux, ...).")] = None,
+    subfolder: SubfolderOpt = None,
     debug: Debug = False,
 ) -> None:
     """Describe a VAE checkpoint or config."""
     from vaetool.config import find_config_file
     from vaetool.errors import CheckpointError, InputError
+    from vaetool.hub import looks_like_repo_id
 
     candidate = Path(path)
-    is_config = candidate.suffix.lower() in CONFIG_SUFFIXES or (not candidate.exists() and not candidate.suffix)
+    repo = looks_like_repo_id(path)
+    is_config = not repo and (candidate.suffix.lower() in CONFIG_SUFFIXES or (not candidate.exists() and not candidate.suffix))
     if is_config:
         summary = describe_config(str(find_config_file(path)))
-    elif candidate.exists():
+    elif candidate.exists() or repo:
         try:
-            summary = describe_checkpoint(candidate, ema=ema, family=family)
+            summary = describe_checkpoint(path if repo else candidate, ema=ema, family=family, subfolder=subfolder)
         except CheckpointError as err:  # the file described is this command's input: a failed input, not a usage error
             raise InputError(err.problem, err.path) from None
     else:

@@ -33,6 +33,7 @@ from vaetool.cli.common import (
     RandomWeightsOpt,
     RecursiveOpt,
     Reporter,
+    SubfolderOpt,
     TileMode,
     TileOpt,
     TileSizeOpt,
@@ -125,6 +126,7 @@ def command(
     fail_fast: FailFastOpt = False,
     config: ConfigOpt = None,
     checkpoint: CheckpointOpt = None,
+    subfolder: SubfolderOpt = None,
     model: ModelOpt = None,
     family: FamilyOpt = None,
     ema: EmaOpt = False,
@@ -155,7 +157,7 @@ def command(
     defaults = (limits.min_psnr, limits.min_ssim, limits.max_diff)
     limits = Thresholds(*(g if g is not None else d for g, d in zip(given, defaults, strict=True)))
     settings = RoundtripSettings(output, golden, update_golden, limits)
-    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, random_weights)
+    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, random_weights, subfolder)
     run_options(tile, tile_size, max_memory, batch_size)  # check the compute options before any work
     files = collect_inputs(inputs or [], recursive=recursive, files_from=files_from)
     vae = load(spec)

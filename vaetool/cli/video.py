@@ -26,6 +26,7 @@ from vaetool.cli.common import (
     ModelOpt,
     QuietOpt,
     RandomWeightsOpt,
+    SubfolderOpt,
     TileMode,
     TileOpt,
     TileSizeOpt,
@@ -80,6 +81,7 @@ def command(
     overwrite: OverwriteOpt = False,
     config: ConfigOpt = None,
     checkpoint: CheckpointOpt = None,
+    subfolder: SubfolderOpt = None,
     model: ModelOpt = None,
     family: FamilyOpt = None,
     ema: EmaOpt = False,
@@ -101,7 +103,7 @@ def command(
 
     job = VideoAction(action.value)
     check_outputs(job, output, overwrite)
-    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, random_weights)
+    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, random_weights, subfolder)
     tiling = run_options(tile, tile_size, max_memory, batch_size).tiling
     settings = VideoSettings(fps=fps, resize=resize, chunk_frames=chunk_frames, overlap=overlap, scaled=scaled, overwrite=overwrite,
                              batch_size=batch_size, tiling=tiling)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vaetool.api import DEFAULT_MODEL
-from vaetool.errors import ConfigError, OutputError, VaeToolError
+from vaetool.errors import ConfigError, OutputError, UsageError, VaeToolError
 from vaetool.pipeline import EngineOptions, Event
 from vaetool.tiling import Tiling, choose
 
@@ -32,31 +32,44 @@ class ModelSpec:
     """Which VAE to load and where to run it: a config (shipped name or YAML) and/or a checkpoint, device, dtype."""
 
     config: str | None = None
-    checkpoint: Path | None = None
-    model: str | None = None  # a shipped config name (the CLI's -m); an alternative spelling of `config`
+    checkpoint: str | Path | None = None  # a weights file, a diffusers folder, or a Hugging Face repo id ORG/NAME[@REV]
+    model: str | None = None  # a shipped config name or a repo id (the CLI's -m); another spelling of `config`/`checkpoint`
     family: str | None = None
     ema: bool = False
     device: str = "auto"
     dtype: str = "auto"
     attention: str | None = None  # backend name; None or "auto": the default
     random_weights: bool = False  # a config without weights builds random ones (only for test runs)
+    subfolder: str | None = None  # the VAE's folder inside a diffusers pipeline folder or repo (default vae/)
 
 
-def load_model(spec: ModelSpec) -> Vae:
-    """Load the VAE a ModelSpec names (the default model when it names none), on its device in its dtype."""
+def load_model(spec: ModelSpec, on_notice: Callable[[str], None] | None = None) -> Vae:
+    """Load the VAE a ModelSpec names (the default model when it names none), on its device in its dtype.
+
+    Notes about the loading (e.g. an fp16 request run in fp32 because the model's config says so) go to `on_notice`.
+    """
     from vaetool.api import load_vae
     from vaetool.devices import resolve_device, resolve_dtype
+    from vaetool.hub import looks_like_repo_id
 
     if spec.model is not None and spec.config is not None:
         raise ConfigError("give --model or --config, not both")
-    config = spec.config or spec.model
-    if config is None and spec.checkpoint is None:
+    model, checkpoint = spec.model, spec.checkpoint
+    if model is not None and looks_like_repo_id(model):  # -m ORG/NAME: a repo id is a checkpoint
+        if checkpoint is not None:
+            raise UsageError(f"--model {model} names a Hugging Face repo and --checkpoint another model; give one")
+        model, checkpoint = None, model
+    config = spec.config or model
+    if config is None and checkpoint is None:
         config = DEFAULT_MODEL
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
-    vae = load_vae(config, spec.checkpoint, family=spec.family, ema=spec.ema, device=device, dtype=dtype,
+    vae = load_vae(config, checkpoint, subfolder=spec.subfolder, family=spec.family, ema=spec.ema, device=device, dtype=dtype,
                    random_weights=spec.random_weights)
     vae.source.setdefault("config_name", config)
+    if on_notice is not None:
+        for note in vae.source.get("notes", []):
+            on_notice(note)
     return vae
 
 
@@ -131,6 +144,7 @@ def model_text(vae: Vae) -> str:
     fields = {
         "config": src.get("config_name") or src.get("config"),
         "checkpoint": src.get("checkpoint"),
+        "repo": f"{src['repo']}@{src['revision']}" if src.get("repo") else None,
         "sha256": src.get("sha256") or ("random-weights" if src.get("random_weights") else None),
         "family": vae.latent_format.family,
         "random_weights": True if src.get("random_weights") else None,

@@ -60,13 +60,18 @@ def file_says_scaled(meta: dict[str, Any]) -> bool | None:
     return SCALED_WORDS.get(str(meta.get("latent_format", "")).lower())
 
 
+FORMAT_FIELDS = ("scale", "shift", "downscale", "mean", "std", "patch", "stats_from_checkpoint")
+
+
 def recorded_format(meta: dict[str, Any], fallback: LatentFormat, path: Path) -> LatentFormat:
-    """The scale/shift a file recorded (explicit numbers, else its family), else `fallback` (the model's)."""
+    """The latent form a file recorded (scale/shift, per-channel mean/std, patch; else its family), else `fallback`."""
     if "scale" in meta:
+        fields = {"family": str(meta.get("family", "recorded")), "channels": fallback.channels}
+        fields |= {k: meta[k] for k in FORMAT_FIELDS if k in meta}
         try:
-            return LatentFormat(str(meta.get("family", "recorded")), fallback.channels, float(meta["scale"]), float(meta.get("shift", 0.0)))
-        except (TypeError, ValueError):
-            raise InputError(f"metadata scale/shift are not numbers: {meta['scale']!r}, {meta.get('shift')!r}", path) from None
+            return LatentFormat.from_dict(fields)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"bad recorded latent form (scale {meta['scale']!r}, shift {meta.get('shift')!r}): {err}", path) from None
     if isinstance(meta.get("family"), str):
         try:
             return get_family(meta["family"])
@@ -82,7 +87,7 @@ def to_raw(item: LatentItem, vae: Vae, scaled_flag: bool | None) -> tuple[torch.
     if not scaled:
         return item.latent, "raw"
     fmt = recorded_format(item.metadata, vae.latent_format, item.source)
-    return fmt.to_raw(item.latent), "scaled"  # [C, h, w]
+    return fmt.to_raw(item.latent[None])[0], "scaled"  # [C, h, w] (formats convert batches [B, C, h, w])
 
 
 def original_size(meta: dict[str, Any]) -> tuple[int, int] | None:

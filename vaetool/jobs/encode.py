@@ -72,6 +72,7 @@ def run_metadata(vae: Vae, settings: EncodeSettings) -> dict[str, Any]:
         "dtype": str(vae.dtype).removeprefix("torch."),
         "vaetool_version": __version__,
     }
+    meta |= {k: v for k, v in fmt.as_dict().items() if k not in meta and k != "channels"}  # per-channel mean/std, patch
     if vae.source.get("random_weights"):
         meta["random_weights"] = True
     if settings.sample:
