@@ -5,14 +5,14 @@ engine, cropped back to its size and written as an 8-bit PNG under DIR (the inpu
 always replaced: the outputs are this run's measurements). PSNR, SSIM and max abs diff against the
 input are computed on the 8-bit images as written. With --golden DIR each output is compared with
 its stored golden against --min-psnr/--min-ssim/--max-diff, a failure gets a heatmap under
-DIR/heatmaps/, and any regression exits 1; --update-golden (re)writes the goldens instead.
+DIR/heatmaps/, and any regression exits 1; --update-golden rewrites the goldens that no longer pass
+(--force: all) instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 import typer
-from rich.table import Table
 
 from vaetool.cli import app_state
 from vaetool.cli.decode import latent_decoder, png_text, usage_error
@@ -86,6 +85,7 @@ class RoundtripSettings:
     golden: Path | None = None
     update_golden: bool = False
     thresholds: Thresholds = NO_THRESHOLDS  # against the golden with --golden, else against the input
+    force: bool = False  # with update_golden: rewrite goldens that still pass too
 
 
 @dataclass
@@ -99,12 +99,13 @@ class ImageResult:
     vs_input: ImageMetrics | None = None
     golden: GoldenResult | None = None
     reasons: list[str] = field(default_factory=list)  # broken limits (against the golden, or the input)
+    limits: list[str] = field(default_factory=list)  # their names: psnr, ssim, max_diff
     heatmap: Path | None = None
     error: str | None = None
 
     @property
     def status(self) -> str:
-        """error, failed, missing (no golden), updated, passed (limits checked) or ok (nothing to check)."""
+        """error, failed, missing (no golden), updated, unchanged, passed (limits checked) or ok (nothing to check)."""
         if self.error is not None:
             return "error"
         if self.golden is not None and self.golden.status is not Status.passed:
@@ -116,7 +117,7 @@ class ImageResult:
     @property
     def ok(self) -> bool:
         """False for errors, regressions and missing goldens."""
-        return self.status in ("passed", "updated", "ok")
+        return self.status in ("passed", "updated", "unchanged", "ok")
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (paths as strings, infinite PSNR as null)."""
@@ -132,13 +133,14 @@ class ImageResult:
             "vs_golden": None if g is None or g.metrics is None else g.metrics.as_dict(),
             "golden": None if g is None else str(g.golden),
             "reasons": self.reasons,
+            "limits_broken": self.limits,
             "heatmap": None if self.heatmap is None else str(self.heatmap),
             "error": self.error,
         }
 
     def case(self) -> Case:
         """The JUnit test case of this image."""
-        details = {k: v for k, v in self.as_dict().items() if k not in ("image", "reasons", "error")}
+        details = {k: v for k, v in self.as_dict().items() if k not in ("image", "reasons", "limits_broken", "error")}
         failed = self.status in ("failed", "missing")
         return Case(self.key, failures=tuple(self.reasons) if failed else (), error=self.error, output=json.dumps(details, indent=2))
 
@@ -157,12 +159,6 @@ def _reference_loader(vae: Vae, settings: RoundtripSettings) -> Callable[[Job], 
         return loaded
 
     return load
-
-
-def _fmt(x: float | None, digits: int) -> str:
-    if x is None:
-        return "-"
-    return "inf" if math.isinf(x) else f"{x:.{digits}f}"
 
 
 def roundtrip_stages(vae: Vae, settings: RoundtripSettings, compute: ComputeOptions) -> Stages[Job]:
@@ -196,12 +192,13 @@ def roundtrip_stages(vae: Vae, settings: RoundtripSettings, compute: ComputeOpti
         if settings.golden is not None:
             target = golden.golden_path(settings.golden, Path(job.key))
             if settings.update_golden:
-                result.golden = golden.update(pixels, target, text)
+                result.golden = golden.update(pixels, target, text, settings.thresholds, force=settings.force)
             else:
                 result.golden = golden.check(pixels, target, settings.thresholds)
-                result.reasons, reference = result.golden.reasons, result.golden.reference
+            result.reasons, result.limits, reference = result.golden.reasons, result.golden.broken, result.golden.reference
         else:
-            result.reasons = settings.thresholds.failures(result.vs_input)
+            broken = settings.thresholds.broken(result.vs_input)
+            result.reasons, result.limits = list(broken.values()), list(broken)
         heat = settings.out_dir / HEATMAP_DIR / Path(job.key).with_suffix(SUFFIX)
         if result.status == "failed" and reference is not None and reference.shape == pixels.shape:
             against = "golden" if settings.golden is not None else "input"
@@ -274,45 +271,15 @@ def build_report(vae: Vae, results: Sequence[ImageResult], settings: RoundtripSe
     }
 
 
-def results_table(results: Sequence[ImageResult], report: dict[str, Any], golden_mode: bool) -> Table:
-    """The Rich table: one row per image and an overall row (pooled PSNR, mean SSIM, largest max diff)."""
-    model = report["model"]
-    weights = f" + {Path(model['checkpoint']).name}" if model.get("checkpoint") else ""
-    table = Table(title=f"roundtrip: {len(results)} images, model {model.get('config') or ''}{weights}", title_justify="left")
-    table.add_column("image", overflow="fold")
-    table.add_column("size", justify="right")
-    labels = ["PSNR", "SSIM", "max diff"] + (["golden PSNR", "golden SSIM", "golden max diff"] if golden_mode else [])
-    for label in labels:
-        table.add_column(label, justify="right")
-    table.add_column("status")
-
-    def cells(m: ImageMetrics | dict[str, Any] | None) -> list[str]:
-        if m is None:
-            return ["-", "-", "-"]
-        d = m.as_dict() if isinstance(m, ImageMetrics) else m
-        psnr = math.inf if d["psnr"] is None and d["max_diff"] == 0 else d["psnr"]  # null PSNR: identical
-        return [_fmt(psnr, 2), _fmt(d["ssim"], 4), "-" if d["max_diff"] is None else str(d["max_diff"])]
-
-    for r in results:
-        row = [r.key, "-" if r.size is None else f"{r.size[1]}x{r.size[0]}", *cells(r.vs_input)]
-        if golden_mode:
-            row += cells(None if r.golden is None else r.golden.metrics)
-        table.add_row(*row, r.status if r.ok else f"[red]{r.status}[/red]")
-    overall = report["overall"]
-    row = [f"overall ({overall['vs_input']['images']})", "", *cells(overall["vs_input"])]
-    if golden_mode:
-        row += cells(overall["vs_golden"])
-    table.add_row(*row, "passed" if report["passed"] else "[red]failed[/red]", style="bold")
-    return table
-
-
 def command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the decoded PNGs (input tree mirrored, always replaced) and heatmaps/.", show_default=False)],
     inputs: Annotated[list[str] | None, typer.Argument(help="Image files, folders or quoted globs.", show_default=False)] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Also take the images in subfolders.")] = False,
     files_from: Annotated[str | None, typer.Option("--files-from", help="Also take the images listed in this file (one per line; - for stdin).")] = None,
     golden: Annotated[Path | None, typer.Option("--golden", help="Folder of golden PNGs to compare the outputs with (same relative paths).")] = None,
-    update_golden: Annotated[bool, typer.Option("--update-golden", help="(Re)write the goldens in --golden from this run instead of comparing.")] = False,
+    update_golden: Annotated[bool, typer.Option(
+        "--update-golden", help="Rewrite the goldens in --golden that no longer pass the limits (and write missing ones) instead of comparing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="With --update-golden: rewrite every golden, also those that still pass.")] = False,
     min_psnr: Annotated[float | None, typer.Option("--min-psnr", help=f"Least PSNR in dB (default with --golden: {Thresholds().min_psnr:g}).")] = None,
     min_ssim: Annotated[float | None, typer.Option("--min-ssim", help=f"Least SSIM (default with --golden: {Thresholds().min_ssim:g}).")] = None,
     max_diff: Annotated[int | None, typer.Option("--max-diff", min=0, max=255, help=f"Largest abs difference in 8-bit levels (default with --golden: {Thresholds().max_diff}).")] = None,
@@ -345,10 +312,12 @@ def command(
         raise usage_error("give image files, folders or globs (or --files-from LIST)")
     if update_golden and golden is None:
         raise usage_error("--update-golden needs --golden DIR")
+    if force and not update_golden:
+        raise usage_error("--force goes with --update-golden (rewrite every golden)")
     limits = Thresholds() if golden is not None else NO_THRESHOLDS
     limits = Thresholds(*(given if given is not None else default for given, default in
                           zip((min_psnr, min_ssim, max_diff), (limits.min_psnr, limits.min_ssim, limits.max_diff), strict=False)))
-    settings = RoundtripSettings(output, golden, update_golden, limits)
+    settings = RoundtripSettings(output, golden, update_golden, limits, force)
     files = collect_inputs(inputs or [], recursive=recursive, files_from=files_from)
     opts = ModelOptions(config, checkpoint, model, family, ema, device, dtype, attention)
     compute = ComputeOptions(tile, tile_size, max_memory, batch_size)
@@ -368,7 +337,7 @@ def command(
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
     elif not quiet:
-        app_state.console.print(results_table(results, doc, golden is not None and not update_golden))
+        app_state.console.print(report.roundtrip_table(doc))
     for r in results:
         if r.status in ("failed", "missing"):
             where = f" (heatmap: {r.heatmap})" if r.heatmap is not None else ""
