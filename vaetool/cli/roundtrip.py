@@ -6,7 +6,7 @@ always replaced: the outputs are this run's measurements). PSNR, SSIM and max ab
 input are computed on the 8-bit images as written. With --golden DIR each output is compared with
 its stored golden against --min-psnr/--min-ssim/--max-diff, a failure gets a heatmap under
 DIR/heatmaps/, and any regression exits 1; --update-golden rewrites the goldens that no longer pass
-(--force: all) instead.
+(--force: all) instead. --html writes a self-contained page of the run (vaetool.report_html).
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ def build_report(vae: Vae, results: Sequence[ImageResult], settings: RoundtripSe
         "images": [r.as_dict() for r in results],
         "overall": {
             "vs_input": pooled([r.vs_input for r in results if r.vs_input is not None]),
-            "vs_golden": pooled(golden_metrics) if settings.golden is not None and not settings.update_golden else None,
+            "vs_golden": pooled(golden_metrics) if settings.golden is not None else None,  # with --update-golden: as stored before
         },
         "counts": dict(sorted(counts.items())),
         "passed": all(r.ok for r in results) and not summary.stopped,
@@ -285,6 +285,8 @@ def command(
     max_diff: Annotated[int | None, typer.Option("--max-diff", min=0, max=255, help=f"Largest abs difference in 8-bit levels (default with --golden: {Thresholds().max_diff}).")] = None,
     report_path: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
     junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML here (one test case per image) for CI.")] = None,
+    html: Annotated[Path | None, typer.Option(
+        "--html", help="Write a self-contained HTML page here: input, output, golden and heatmap of every image.")] = None,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first image that cannot be processed.")] = False,
     config: ConfigOpt = None,
     checkpoint: CheckpointOpt = None,
@@ -304,7 +306,7 @@ def command(
     debug: Debug = False,
 ) -> None:
     """Round-trip images through the VAE and report (or check) the quality."""
-    from vaetool import report
+    from vaetool import report, report_html
     from vaetool.io.inputs import collect_inputs
     from vaetool.pipeline import planned_batch_size
 
@@ -334,6 +336,8 @@ def command(
         properties = {"model": json.dumps(doc["model"], sort_keys=True), "vaetool_version": doc["vaetool_version"],
                       "thresholds": json.dumps(doc["thresholds"]), "golden": str(golden)}
         report.write_junit(junit, SUITE, [r.case() for r in results], properties, summary.seconds)
+    if html is not None:
+        report_html.write_html(html, doc)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
     elif not quiet:
