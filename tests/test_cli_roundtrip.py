@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -11,10 +12,12 @@ import pytest
 import safetensors.torch
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
+from vaetool import golden as golden_mod
 from vaetool import metrics
 from vaetool.api import load_vae
-from vaetool.cli import app
+from vaetool.cli import app, common
 
 MODEL = ["--model", "tiny-f8"]
 
@@ -102,7 +105,7 @@ def test_golden_run_passes_then_catches_a_changed_model(runner, tmp_path: Path, 
 
     result = _roundtrip(runner, str(images), "-r", "-o", str(out), "--golden", str(golden), "--junit", str(junit))
     assert result.exit_code == 0, result.output
-    assert "golden PSNR" in result.stdout
+    assert "golden" in result.stdout.splitlines()[2]  # the second header line names what the metrics are against
     assert not (out / "heatmaps").exists()
 
     ckpt = _perturbed_checkpoint(tmp_path / "perturbed.safetensors")
@@ -116,8 +119,10 @@ def test_golden_run_passes_then_catches_a_changed_model(runner, tmp_path: Path, 
     failures = {tc.get("name"): tc.find("failure") for tc in suite.iter("testcase")}
     assert all(f is not None and "PSNR" in f.get("message") for f in failures.values())
     for key in ("a.png", "sub/b.png"):
-        heat = out / "heatmaps" / key
-        assert _pixels(heat).shape == _pixels(images / key).shape
+        heat, (h, w, _) = _pixels(out / "heatmaps" / key), _pixels(images / key).shape
+        assert heat.shape == (h + golden_mod.LEGEND_HEIGHT, max(w, golden_mod.LEGEND_WIDTH), 3)  # the image, the legend below
+        want, _ = golden_mod.heatmap(_pixels(out / key), _pixels(golden / key))
+        assert (heat[:h, :w] == want).all()
     rows = {row["image"]: row for row in json.loads(report.read_text())["images"]}
     assert all(row["status"] == "failed" and row["heatmap"] for row in rows.values())
 
@@ -147,3 +152,48 @@ def test_a_bad_image_is_an_error_case_and_the_others_are_written(runner, tmp_pat
 
 def test_update_golden_without_golden_is_a_usage_error(runner, tmp_path: Path, images: Path) -> None:
     assert _roundtrip(runner, str(images), "-o", str(tmp_path / "o"), "--update-golden").exit_code == 2
+
+
+def test_table_reads_at_80_columns(runner, tmp_path: Path, images: Path, monkeypatch) -> None:
+    golden = tmp_path / "golden"
+    args = [str(images), "-r", "-o", str(tmp_path / "out"), "--golden", str(golden)]
+    assert _roundtrip(runner, *args, "--update-golden", "-q").exit_code == 0
+    (golden / "sub" / "b.png").unlink()  # one missing golden: the widest status word of a compare run
+    monkeypatch.setattr(common.console, "width", 80)  # conftest pins 160
+    narrow = CliRunner(env={"COLUMNS": "80", "NO_COLOR": "1"})
+    result = _roundtrip(narrow, *args)
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "…" not in result.stdout
+    a = next(line.split() for line in lines if line.startswith("a.png"))
+    assert a[1] == "20x12" and a[-1] == "passed" and len(a) == 9  # name, size, 3 metrics vs input, 3 vs golden, status
+    b = next(line.split() for line in lines if line.startswith("sub/b.png"))
+    assert b[1] == "16x16" and b[-4:] == ["-", "-", "-", "missing"]
+
+
+def test_update_golden_rewrites_only_goldens_that_no_longer_pass(runner, tmp_path: Path, images: Path) -> None:
+    golden, out, report = tmp_path / "golden", tmp_path / "out", tmp_path / "report.json"
+    args = [str(images), "-r", "-o", str(out), "--golden", str(golden), "--update-golden", "--report", str(report), "-q"]
+    assert _roundtrip(runner, *args).exit_code == 0
+    a, b = golden / "a.png", golden / "sub" / "b.png"
+    pixels = _pixels(b).astype(int)
+    pixels[:4] = 255 - pixels[:4]  # a real change in b's golden; a's golden still passes
+    Image.fromarray(pixels.astype(np.uint8)).save(b)
+    for path in (a, b):
+        os.utime(path, ns=(10**18, 10**18))
+    before = a.read_bytes()
+
+    assert _roundtrip(runner, *args).exit_code == 0
+    statuses = {row["image"]: row["status"] for row in json.loads(report.read_text())["images"]}
+    assert statuses == {"a.png": "unchanged", "sub/b.png": "updated"}
+    assert a.read_bytes() == before and a.stat().st_mtime_ns == 10**18  # not touched: no diff in git
+    assert b.stat().st_mtime_ns != 10**18 and (_pixels(b) == _pixels(out / "sub" / "b.png")).all()
+    row_b = next(r for r in json.loads(report.read_text())["images"] if r["image"] == "sub/b.png")
+    assert "max_diff" in row_b["limits_broken"] and row_b["reasons"]  # why it was rewritten
+
+    assert _roundtrip(runner, *args, "--force").exit_code == 0
+    statuses = {row["image"]: row["status"] for row in json.loads(report.read_text())["images"]}
+    assert statuses == {"a.png": "updated", "sub/b.png": "updated"}
+    assert a.stat().st_mtime_ns != 10**18
+    assert _roundtrip(runner, str(images), "-o", str(out), "--golden", str(golden), "--force").exit_code == 2  # --force alone

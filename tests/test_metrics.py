@@ -103,13 +103,41 @@ def test_heatmap_is_dark_where_equal_and_brightest_at_the_largest_difference() -
     b = a.copy()
     b[10, 20] = 255 - b[10, 20]
     b[1, 1, 0] = b[1, 1, 0] ^ 1  # a 1-level change elsewhere
-    heat, scale = golden.heatmap(a, b)
-    assert scale == metrics.max_abs_diff(a, b)
+    heat, largest = golden.heatmap(a, b)
+    assert largest == metrics.max_abs_diff(a, b)
     brightness = heat.astype(int).sum(-1)  # [H, W]
     assert np.unravel_index(brightness.argmax(), brightness.shape) == (10, 20)
     assert brightness[0, 0] == brightness.min() and brightness[1, 1] > brightness[0, 0]
-    still, _ = golden.heatmap(a, a)
-    assert (still == still[0, 0]).all()
+    still, none = golden.heatmap(a, a)
+    assert (still == still[0, 0]).all() and none == 0
+
+
+def test_heatmap_scale_is_absolute_so_small_and_large_differences_look_different() -> None:
+    zero = np.zeros((8, 8, 3), dtype=np.uint8)
+    small = zero + 6  # every pixel 6 levels off
+    large = small.copy()
+    large[0, 0] = 221  # and one pixel 221 levels off
+    heat_small, top_small = golden.heatmap(zero, small)
+    heat_large, top_large = golden.heatmap(zero, large)
+    assert (top_small, top_large) == (6, 221)
+    assert (heat_small[1:] == heat_large[1:]).all()  # 6 levels have one colour, whatever the largest difference is
+    assert np.abs(heat_large[0, 0].astype(int) - heat_small[0, 0].astype(int)).sum() > 200  # 221 vs 6 levels: far apart
+    brightness = golden.heat_colours(np.arange(256)).astype(int).sum(-1)
+    assert (np.diff(brightness) >= 0).all() and brightness[1] > brightness[0]  # one level already shows
+
+
+def test_heatmap_file_has_the_legend_below_the_pixel_aligned_image() -> None:
+    a, b = _image(10, 20, 30), _noisy(_image(10, 20, 30), 10.0)
+    canvas, largest = golden.heatmap_with_legend(a, b)
+    heat, _ = golden.heatmap(a, b)
+    assert canvas.shape == (20 + golden.LEGEND_HEIGHT, golden.LEGEND_WIDTH, 3)
+    assert (canvas[:20, :30] == heat).all() and (canvas[:20, 30:] == golden.LEGEND_BACKGROUND).all()
+    strip = canvas[20:]
+    assert (strip == golden.legend(golden.LEGEND_WIDTH, largest)).all()
+    colours = {tuple(c) for c in strip.reshape(-1, 3)}
+    assert tuple(golden.heat_colours(np.array(0))) in colours and tuple(golden.heat_colours(np.array(255))) in colours
+    wide = golden.heatmap_with_legend(_image(11, 10, 400), _image(12, 10, 400))[0]
+    assert wide.shape == (10 + golden.LEGEND_HEIGHT, 400, 3)
 
 
 def test_junit_counts_failures_and_errors() -> None:

@@ -1,16 +1,13 @@
 """`vaetool roundtrip IMAGES... -o DIR`: images -> latents -> images in memory, with metrics and golden checks
-(vaetool.jobs.roundtrip does the work; this module parses options and prints the table)."""
+(vaetool.jobs.roundtrip does the work; vaetool.report draws the table, vaetool.report_html the --html page)."""
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
 from vaetool.cli.common import (
     AttentionOpt,
@@ -48,8 +45,7 @@ from vaetool.errors import UsageError
 from vaetool.golden import NO_THRESHOLDS, Thresholds
 
 if TYPE_CHECKING:
-    from vaetool.jobs.roundtrip import ImageResult
-    from vaetool.metrics import ImageMetrics
+    pass
 
 NAME = "roundtrip"
 HELP = "Encode and decode images in memory: PSNR/SSIM/max diff per image, and golden-image regression runs for CI."
@@ -62,8 +58,11 @@ OutputOpt = Annotated[Path, typer.Option("--output", "-o", show_default=False,
 InputsArg = Annotated[list[str] | None, typer.Argument(help="Image files, folders or quoted globs.", show_default=False)]
 GoldenOpt = Annotated[Path | None,
                       typer.Option("--golden", help="Folder of golden PNGs to compare the outputs with (same relative paths).")]
-UpdateGoldenOpt = Annotated[bool, typer.Option("--update-golden",
-                                               help="(Re)write the goldens in --golden from this run instead of comparing.")]
+UpdateGoldenOpt = Annotated[bool, typer.Option("--update-golden", help="Rewrite the goldens in --golden that no longer pass the "
+                                               "limits (and write missing ones) instead of comparing.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="With --update-golden: rewrite every golden, also those that still pass.")]
+HtmlOpt = Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML page here: input, output, golden and "
+                                              "heatmap of every image.")]
 MinPsnrOpt = Annotated[float | None, typer.Option("--min-psnr", help=f"Least PSNR in dB (default with --golden: {_LIMITS.min_psnr:g}).")]
 MinSsimOpt = Annotated[float | None, typer.Option("--min-ssim", help=f"Least SSIM (default with --golden: {_LIMITS.min_ssim:g}).")]
 MaxDiffOpt = Annotated[int | None, typer.Option("--max-diff", min=0, max=255,
@@ -73,44 +72,6 @@ ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the JSON
 JunitOpt = Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML here (one test case per image) for CI.")]
 
 
-def _fmt(x: float | None, digits: int) -> str:
-    if x is None:
-        return "-"
-    return "inf" if math.isinf(x) else f"{x:.{digits}f}"
-
-
-def results_table(results: Sequence[ImageResult], report: dict[str, Any], golden_mode: bool) -> Table:
-    """The Rich table: one row per image and an overall row (pooled PSNR, mean SSIM, largest max diff)."""
-    model = report["model"]
-    weights = f" + {Path(model['checkpoint']).name}" if model.get("checkpoint") else ""
-    table = Table(title=f"roundtrip: {len(results)} images, model {model.get('config') or ''}{weights}", title_justify="left")
-    table.add_column("image", overflow="fold")
-    table.add_column("size", justify="right")
-    labels = ["PSNR", "SSIM", "max diff"] + (["golden PSNR", "golden SSIM", "golden max diff"] if golden_mode else [])
-    for label in labels:
-        table.add_column(label, justify="right")
-    table.add_column("status")
-
-    def cells(m: ImageMetrics | dict[str, Any] | None) -> list[str]:
-        if m is None:
-            return ["-", "-", "-"]
-        d = m.as_dict() if not isinstance(m, dict) else m
-        psnr = math.inf if d["psnr"] is None and d["max_diff"] == 0 else d["psnr"]  # null PSNR: identical
-        return [_fmt(psnr, 2), _fmt(d["ssim"], 4), "-" if d["max_diff"] is None else str(d["max_diff"])]
-
-    for r in results:
-        row = [r.key, "-" if r.size is None else f"{r.size[1]}x{r.size[0]}", *cells(r.vs_input)]
-        if golden_mode:
-            row += cells(None if r.golden is None else r.golden.metrics)
-        table.add_row(*row, r.status if r.ok else f"[red]{r.status}[/red]")
-    overall = report["overall"]
-    row = [f"overall ({overall['vs_input']['images']})", "", *cells(overall["vs_input"])]
-    if golden_mode:
-        row += cells(overall["vs_golden"])
-    table.add_row(*row, "passed" if report["passed"] else "[red]failed[/red]", style="bold")
-    return table
-
-
 def command(
     output: OutputOpt,
     inputs: InputsArg = None,
@@ -118,11 +79,13 @@ def command(
     files_from: FilesFromOpt = None,
     golden: GoldenOpt = None,
     update_golden: UpdateGoldenOpt = False,
+    force: ForceOpt = False,
     min_psnr: MinPsnrOpt = None,
     min_ssim: MinSsimOpt = None,
     max_diff: MaxDiffOpt = None,
     report_path: ReportOpt = None,
     junit: JunitOpt = None,
+    html: HtmlOpt = None,
     fail_fast: FailFastOpt = False,
     config: ConfigOpt = None,
     checkpoint: CheckpointOpt = None,
@@ -144,7 +107,7 @@ def command(
     debug: Debug = False,
 ) -> None:
     """Round-trip images through the VAE and report (or check) the quality."""
-    from vaetool import report
+    from vaetool import report, report_html
     from vaetool.io.inputs import collect_inputs
     from vaetool.jobs import RoundtripSettings, attention_scope, build_report, roundtrip_files
 
@@ -152,11 +115,13 @@ def command(
         raise UsageError("give image files, folders or globs (or --files-from LIST)")
     if update_golden and golden is None:
         raise UsageError("--update-golden needs --golden DIR")
+    if force and not update_golden:
+        raise UsageError("--force goes with --update-golden (rewrite every golden)")
     limits = Thresholds() if golden is not None else NO_THRESHOLDS
     given = (min_psnr, min_ssim, max_diff)
     defaults = (limits.min_psnr, limits.min_ssim, limits.max_diff)
     limits = Thresholds(*(g if g is not None else d for g, d in zip(given, defaults, strict=True)))
-    settings = RoundtripSettings(output, golden, update_golden, limits)
+    settings = RoundtripSettings(output, golden, update_golden, limits, force)
     spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, random_weights, subfolder)
     run_options(tile, tile_size, max_memory, batch_size)  # check the compute options before any work
     files = collect_inputs(inputs or [], recursive=recursive, files_from=files_from)
@@ -172,10 +137,12 @@ def command(
         properties = {"model": json.dumps(doc["model"], sort_keys=True), "vaetool_version": doc["vaetool_version"],
                       "thresholds": json.dumps(doc["thresholds"]), "golden": str(golden)}
         report.write_junit(junit, SUITE, [r.case() for r in results], properties, summary.seconds)
+    if html is not None:
+        report_html.write_html(html, doc)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
     elif not quiet:
-        console.print(results_table(results, doc, golden is not None and not update_golden))
+        console.print(report.roundtrip_table(doc))
     for r in results:
         if r.status in ("failed", "missing"):
             where = f" (heatmap: {r.heatmap})" if r.heatmap is not None else ""

@@ -44,6 +44,7 @@ class RoundtripSettings:
     golden: Path | None = None
     update_golden: bool = False
     thresholds: Thresholds = NO_THRESHOLDS  # against the golden with --golden, else against the input
+    force: bool = False  # with update_golden: rewrite goldens that still pass too
 
 
 @dataclass
@@ -57,12 +58,13 @@ class ImageResult:
     vs_input: ImageMetrics | None = None
     golden: GoldenResult | None = None
     reasons: list[str] = field(default_factory=list)  # broken limits (against the golden, or the input)
+    limits: list[str] = field(default_factory=list)  # their names: psnr, ssim, max_diff
     heatmap: Path | None = None
     error: str | None = None
 
     @property
     def status(self) -> str:
-        """error, failed, missing (no golden), updated, passed (limits checked) or ok (nothing to check)."""
+        """error, failed, missing (no golden), updated, unchanged, passed (limits checked) or ok (nothing to check)."""
         if self.error is not None:
             return "error"
         if self.golden is not None and self.golden.status is not Status.passed:
@@ -74,7 +76,7 @@ class ImageResult:
     @property
     def ok(self) -> bool:
         """False for errors, regressions and missing goldens."""
-        return self.status in ("passed", "updated", "ok")
+        return self.status in ("passed", "updated", "unchanged", "ok")
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (paths as strings, infinite PSNR as null)."""
@@ -90,13 +92,14 @@ class ImageResult:
             "vs_golden": None if g is None or g.metrics is None else g.metrics.as_dict(),
             "golden": None if g is None else str(g.golden),
             "reasons": self.reasons,
+            "limits_broken": self.limits,
             "heatmap": None if self.heatmap is None else str(self.heatmap),
             "error": self.error,
         }
 
     def case(self) -> Case:
         """The JUnit test case of this image."""
-        details = {k: v for k, v in self.as_dict().items() if k not in ("image", "reasons", "error")}
+        details = {k: v for k, v in self.as_dict().items() if k not in ("image", "reasons", "limits_broken", "error")}
         failed = self.status in ("failed", "missing")
         return Case(self.key, failures=tuple(self.reasons) if failed else (), error=self.error, output=json.dumps(details, indent=2))
 
@@ -141,12 +144,13 @@ def roundtrip_stages(vae: Vae, settings: RoundtripSettings, run: RunOptions, fal
         if settings.golden is not None:
             target = golden.golden_path(settings.golden, Path(job.key))
             if settings.update_golden:
-                result.golden = golden.update(pixels, target, text)
+                result.golden = golden.update(pixels, target, text, settings.thresholds, force=settings.force)
             else:
                 result.golden = golden.check(pixels, target, settings.thresholds)
-                result.reasons, reference = result.golden.reasons, result.golden.reference
+            result.reasons, result.limits, reference = result.golden.reasons, result.golden.broken, result.golden.reference
         else:
-            result.reasons = settings.thresholds.failures(result.vs_input)
+            broken = settings.thresholds.broken(result.vs_input)
+            result.reasons, result.limits = list(broken.values()), list(broken)
         heat = settings.out_dir / HEATMAP_DIR / Path(job.key).with_suffix(SUFFIX)
         if result.status == "failed" and reference is not None and reference.shape == pixels.shape:
             against = "golden" if settings.golden is not None else "input"
@@ -209,7 +213,7 @@ def build_report(vae: Vae, results: Sequence[ImageResult], settings: RoundtripSe
         "images": [r.as_dict() for r in results],
         "overall": {
             "vs_input": pooled([r.vs_input for r in results if r.vs_input is not None]),
-            "vs_golden": pooled(golden_metrics) if settings.golden is not None and not settings.update_golden else None,
+            "vs_golden": pooled(golden_metrics) if settings.golden is not None else None,  # with --update-golden: as stored before
         },
         "counts": dict(sorted(counts.items())),
         "passed": all(r.ok for r in results) and not summary.stopped,
