@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -335,16 +336,21 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per process")
     ap.add_argument("--root", type=Path, default=ROOT, help="vaetool checkout the processes run (PYTHONPATH)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--keep", action="store_true", help="keep the temp folder (weights, inputs, outputs, logs)")
     args = ap.parse_args()
     if args.tiny:
         args.model, args.sizes, args.ops = "tiny", [(64, 64)], ["decode"]
         args.cases = [Case("off"), Case("fast", 32, "1GiB")]
     bench = Bench(args)
-    latent = None
-    for width, height in [(512, 512)] if args.huge_only else args.sizes:
-        latent = bench.size(width, height, [] if args.huge_only else args.ops, args.cases)
-    if (args.huge or args.huge_only) and latent is not None:
-        bench.huge(latent, args.huge_reference)
+    try:
+        latent = None
+        for width, height in [(512, 512)] if args.huge_only else args.sizes:
+            latent = bench.size(width, height, [] if args.huge_only else args.ops, args.cases)
+        if (args.huge or args.huge_only) and latent is not None:
+            bench.huge(latent, args.huge_reference)
+    finally:
+        if not args.keep:
+            shutil.rmtree(bench.tmp, ignore_errors=True)
     report(bench.rows)
     if args.json:
         args.json.write_text(json.dumps(bench.rows, indent=1, default=str))
