@@ -88,8 +88,8 @@ def _runner(method: str, model: object, op: str, tile: int, budget: str | None) 
     mode = {"vaetool": "off", "exact": "exact", "fast": "fast"}[method]
     fn = getattr(tiling, op)
     if budget is not None:
-        return lambda t: fn(model, t, tile=mode, max_memory=budget)
-    return lambda t: fn(model, t, tile=mode, tile_size=None if mode == "off" else tile)
+        return lambda t: fn(model, t, tiling.Tiling(mode, max_memory=budget))
+    return lambda t: fn(model, t, tiling.Tiling(mode, tile_size=None if mode == "off" else tile))
 
 
 def worker(spec: dict) -> None:

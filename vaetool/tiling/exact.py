@@ -20,9 +20,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vaetool.tiling.program import GlobalOp, Norm, Program, WindowOp, decoder_program, encoder_program
+from vaetool.tiling.program import IDENTITY, GlobalOp, Norm, Program, WindowOp, decoder_program, encoder_program
 
 MIN_TILE = 4  # smallest tile edge, in pixels of the activation being computed
+# devices whose batch-norm statistics kernel serves for a tile's per-channel moments: on CPU it reads a strided tile
+# in place ~3x faster than var_mean over (2, 3), with the same fp32 precision (MPS has no such kernel)
+BN_STATS_DEVICES = frozenset({"cpu", "cuda"})
 
 
 @dataclass
@@ -36,9 +39,13 @@ class Stats:
     @staticmethod
     def of(t: torch.Tensor) -> Stats:
         """Statistics of one tile [N, C, h, w]."""
-        var, mean = torch.var_mean(t.float(), dim=(2, 3), correction=0)  # [N, C] each
-        n = float(t.shape[2] * t.shape[3])
-        return Stats(n, mean.double(), var.double() * n)
+        n_samples, c, h, w = t.shape
+        if t.device.type in BN_STATS_DEVICES:  # per-channel mean and biased variance over [1, N*C, h, w]
+            mean, var = torch.batch_norm_update_stats(t.float().reshape(1, n_samples * c, h, w), None, None, 0.0)  # [N*C] each
+        else:
+            var, mean = torch.var_mean(t.float(), dim=(2, 3), correction=0)  # [N, C] each
+        n = float(h * w)
+        return Stats(n, mean.double().reshape(n_samples, c), var.double().reshape(n_samples, c) * n)
 
     def merge(self, other: Stats) -> Stats:
         """Pool two disjoint sets of pixels."""
@@ -95,8 +102,8 @@ class Banded:
             b.stats = Stats.of(t)
         return b
 
-    def region(self, r0: int, r1: int, c0: int, c1: int, device: torch.device) -> torch.Tensor:
-        """Rows [r0, r1) x columns [c0, c1) (inside the tensor) on `device`."""
+    def parts(self, r0: int, r1: int, c0: int, c1: int, device: torch.device) -> list[torch.Tensor]:
+        """Rows [r0, r1) x columns [c0, c1) (inside the tensor) on `device`, as one piece per band, top to bottom."""
         parts = []
         for i, (lo, hi) in enumerate(zip(self.edges[:-1], self.edges[1:], strict=False)):
             if hi <= r0 or lo >= r1:
@@ -105,6 +112,11 @@ class Banded:
             if band is None:
                 raise RuntimeError("tiling bug: a freed band was read again")
             parts.append(band[:, :, max(r0, lo) - lo : min(r1, hi) - lo, c0:c1].to(device))
+        return parts
+
+    def region(self, r0: int, r1: int, c0: int, c1: int, device: torch.device) -> torch.Tensor:
+        """Rows [r0, r1) x columns [c0, c1) (inside the tensor) on `device`."""
+        parts = self.parts(r0, r1, c0, c1, device)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
     def free_before(self, row: int) -> None:
@@ -132,14 +144,39 @@ def _window_input(
     (r0, r1), (c0, c1) = rows, cols
     cr0, cr1 = max(r0, 0), min(r1, f * src.height)
     cc0, cc1 = max(c0, 0), min(c1, f * src.width)
-    x = src.region(cr0 // f, (cr1 - 1) // f + 1, cc0 // f, (cc1 - 1) // f + 1, device)  # [N, C, h, w]
+    box = (cr0 // f, (cr1 - 1) // f + 1, cc0 // f, (cc1 - 1) // f + 1)
+    pad = (cc0 - c0, c1 - cc1, cr0 - r0, r1 - cr1)  # left, right, top, bottom: zeros after the norm
+    parts = src.parts(*box, device)  # [N, C, rows, w] each, stacked: [N, C, h, w]
+    if affine is not None and not upsample and parts[0].dtype == affine[0].dtype:
+        return _norm_silu_padded(parts, affine, pad)
+    x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # [N, C, h, w]
     if affine is not None:  # GroupNorm with pooled statistics, then SiLU (pointwise: before the upsample)
         x = F.silu(x.float() * affine[0] + affine[1]).to(x.dtype)
     if upsample:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # [N, C, 2h, 2w]
         x = x[:, :, cr0 % 2 : cr0 % 2 + cr1 - cr0, cc0 % 2 : cc0 % 2 + cc1 - cc0]
-    pad = (cc0 - c0, c1 - cc1, cr0 - r0, r1 - cr1)  # left, right, top, bottom: zeros after the norm
     return F.pad(x, pad) if any(pad) else x
+
+
+def _norm_silu_padded(
+    parts: list[torch.Tensor], affine: tuple[torch.Tensor, torch.Tensor], pad: tuple[int, int, int, int]
+) -> torch.Tensor:
+    """silu(x * a + b) of the stacked row pieces `parts`, written straight into a zero-bordered buffer.
+
+    One new tensor where the plain way makes four (the pieces' concatenation, x * a + b, silu, the
+    padded copy): each fresh full-size CPU tensor costs page faults about as long as the arithmetic.
+    """
+    left, right, top, bottom = pad
+    n, c, _, w = parts[0].shape
+    h = sum(p.shape[2] for p in parts)
+    out = parts[0].new_empty(n, c, top + h + bottom, left + w + right)  # [N, C, h', w']
+    for border in (out[:, :, :top], out[:, :, top + h :], out[:, :, top : top + h, :left], out[:, :, top : top + h, left + w :]):
+        border.zero_()
+    row = top
+    for part in parts:  # [N, C, rows, w] each
+        torch.addcmul(affine[1], part, affine[0], out=out[:, :, row : row + part.shape[2], left : left + w])
+        row += part.shape[2]
+    return F.silu(out, inplace=True)  # silu(0) = 0 keeps the border
 
 
 def _window_tile(
@@ -155,7 +192,7 @@ def _window_tile(
         y = w.fn(x)  # [N, Cout, b-a, d-c]
     if op.residual is not None:
         res = slots[op.residual].region(*rows, *cols, device)
-        y = res + y
+        y = y.add_(res) if op.alpha is None and op.window is not IDENTITY else res + y  # in place on a fresh window output
         if op.alpha is not None:
             alpha = op.alpha.to(y.device, y.dtype)
             y = alpha * y + (1.0 - alpha) * res
