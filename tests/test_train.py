@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import signal
 import subprocess
 import sys
@@ -199,3 +200,31 @@ def test_init_logvar_starts_a_fresh_model_nearly_noiseless(tmp_path: Path) -> No
         with torch.no_grad():
             logvar = build_model(settings, None, False).encode_moments(x).chunk(2, dim=1)[1]
         assert lo < float(logvar.mean()) < hi, (value, float(logvar.mean()))
+
+
+def test_bf16_precision_runs_the_forward_in_bf16_and_keeps_fp32_weights(tmp_path: Path) -> None:
+    from vaetool.train.data import load_folder_images
+    from vaetool.train.loop import build_model, training_step
+
+    settings = load_train_settings(_config(tmp_path, precision="bf16"))
+    x = random_batch(load_folder_images(settings.data.train, 32, print), settings.data, 0, 0)  # [2, 3, 32, 32]
+    runs = []
+    for _ in range(2):  # the same step twice from the same state: bit-identical (what resume relies on)
+        model = build_model(settings, None, False).train()
+        seen: set[torch.dtype] = set()
+        model.decoder.conv_out.register_forward_hook(lambda _m, _i, out, seen=seen: seen.add(out.dtype))
+        opt = model.instantiate_optimizer_from_config(list(model.get_autoencoder_params()), settings.lr, settings.optimizer)
+        terms = training_step(model, opt, settings, x, 0)
+        assert seen == {torch.bfloat16} and math.isfinite(terms["loss"])
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        runs.append(model.decoder.conv_out.weight.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+    fp32 = build_model(settings, None, False).train()
+    opt = fp32.instantiate_optimizer_from_config(list(fp32.get_autoencoder_params()), settings.lr, settings.optimizer)
+    training_step(fp32, opt, load_train_settings(_config(tmp_path)), x, 0)
+    assert not torch.equal(fp32.decoder.conv_out.weight, runs[0])  # bf16 did change the arithmetic
+
+
+def test_unknown_precision_is_named(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", str(_config(tmp_path, precision="fp8")), "-o", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "precision" in result.stderr and "fp8" in result.stderr

@@ -55,6 +55,7 @@ class TrainSettings:
     schedule: str = "cosine"  # or "constant"
     steps: int = 1000
     ema_decay: float = 0.999
+    precision: str = "fp32"  # or "bf16": the forward pass under autocast (weights, optimizer and loss stay fp32)
     init_logvar: float | None = None  # a fresh model's posterior log-variance bias (e.g. -8: near-noiseless latents)
     checkpoint_every: int = 100
     val_every: int = 100
@@ -64,6 +65,7 @@ class TrainSettings:
 
 
 SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("fp32", "bf16")
 
 
 def _check_keys(section: str, given: dict[str, Any], cls: type, source: str) -> None:
@@ -122,6 +124,8 @@ def load_train_settings(path: str | Path, overrides: dict[str, Any] | None = Non
         raise ConfigError(f"bad value: {err}", path) from None
     if settings.schedule not in SCHEDULES:
         raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {settings.schedule!r}", path)
+    if settings.precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {settings.precision!r}", path)
     if settings.data.crop % 8 or settings.data.crop <= 0:
         raise ConfigError(f"data.crop must be a positive multiple of 8, got {settings.data.crop}", path)
     if settings.steps <= 0 or settings.data.batch_size <= 0:
