@@ -228,3 +228,42 @@ def test_bf16_precision_runs_the_forward_in_bf16_and_keeps_fp32_weights(tmp_path
 def test_unknown_precision_is_named(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", str(_config(tmp_path, precision="fp8")), "-o", str(tmp_path / "run")])
     assert result.exit_code == 1 and "precision" in result.stderr and "fp8" in result.stderr
+
+
+def test_block_mean_mse_sees_only_the_low_frequencies() -> None:
+    from vaetool.train.loop import block_mean_mse
+
+    a = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(0))
+    checker = (torch.arange(16)[:, None] + torch.arange(24)[None]) % 2 * 0.4 - 0.2  # zero mean in every 8x8 block
+    assert float(block_mean_mse(a + checker, a, 8)) < 1e-12
+    assert float(block_mean_mse(a + 0.1, a, 8)) == pytest.approx(0.01)
+    full = float(((a + checker + 0.1 - a) ** 2).mean())  # the squared error splits: block means + inside the blocks
+    assert full == pytest.approx(float(block_mean_mse(a + checker + 0.1, a, 8)) + float((checker**2).mean()))
+
+
+def test_lowpass_loss_trains_and_is_logged(runner: CliRunner, tmp_path: Path) -> None:
+    cfg = _config(tmp_path, steps=40, lr=5e-3, val_every=1000, loss={"l1": 0.0, "mse": 0.0, "lowpass": 1.0, "lowpass_size": 8})
+    result = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "run"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert rows[0].split(",")[5] == "lowpass"
+    last = rows[-1].split(",")
+    assert float(last[1]) == pytest.approx(float(last[5]), rel=1e-5)  # the loss is the lowpass term alone
+    from vaetool.train.data import load_folder_images
+    from vaetool.train.loop import block_mean_mse
+
+    settings = load_train_settings(cfg)
+    x = random_batch(load_folder_images(settings.data.train, 32, print), settings.data, 10_000, 123)  # [2, 3, 32, 32]
+    errors = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the trainer's initial weights
+        init = instantiate_from_config(TINY_MODEL).state_dict()
+    for weights in (init, safetensors.torch.load_file(str(tmp_path / "run" / "model.safetensors"))):
+        model = instantiate_from_config(TINY_MODEL).eval()
+        model.load_state_dict(weights, strict=True)
+        with torch.no_grad():
+            errors.append(float(block_mean_mse(model.decode(model.encode_moments(x).chunk(2, dim=1)[0]), x, 8)))
+    assert errors[1] < 0.8 * errors[0], errors
+    bad = _config(tmp_path, loss={"lowpass": 1.0, "lowpass_size": 5})
+    result = runner.invoke(app, ["train", str(bad), "-o", str(tmp_path / "bad")])
+    assert result.exit_code == 1 and "lowpass_size" in result.stderr

@@ -14,6 +14,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+import torch.nn.functional as F
 import yaml
 
 from vaetool import __version__
@@ -28,7 +29,7 @@ from vaetool.train.data import center_crop, load_folder_images, random_batch, to
 from vaetool.train.settings import TrainSettings
 
 STATE_FILE, WEIGHTS_FILE, LOG_FILE, SUMMARY_FILE = "state.pt", "model.safetensors", "log.csv", "summary.json"
-LOG_FIELDS = ("step", "loss", "l1", "mse", "kl", "lr", "val_psnr", "seconds")
+LOG_FIELDS = ("step", "loss", "l1", "mse", "kl", "lowpass", "lr", "val_psnr", "seconds")
 Progress = Callable[[int, int, dict[str, float]], None]
 AUTOCAST = {"fp32": torch.float32, "bf16": torch.bfloat16}  # `precision`: the forward pass's autocast dtype
 
@@ -136,6 +137,15 @@ def _trim_log(path: Path, last_step: int) -> None:
         writer.writerows(rows)
 
 
+def block_mean_mse(a: torch.Tensor, b: torch.Tensor, size: int) -> torch.Tensor:
+    """MSE between the size x size block means of a and b [B, C, H, W]: the part of the error a box resize would see.
+
+    The squared error of an image splits exactly into this (times 1) plus the error inside the blocks;
+    weighting it up makes colour and brightness of each block, where a small VAE loses most, count more.
+    """
+    return ((F.avg_pool2d(a, size) - F.avg_pool2d(b, size)) ** 2).mean()  # [B, C, H/size, W/size] -> []
+
+
 def training_step(
     model: AutoencodingEngine, opt: torch.optim.Optimizer, settings: TrainSettings, x: torch.Tensor, step: int
 ) -> dict[str, float]:
@@ -145,15 +155,17 @@ def training_step(
         _, dec, reg_log = model(x)
     dec = dec.float()  # [B, 3, H, W]; the loss in fp32 whatever the forward ran in
     l1, mse = (dec - x).abs().mean(), ((dec - x) ** 2).mean()
+    lowpass = block_mean_mse(dec, x, settings.loss.lowpass_size) if settings.loss.lowpass else torch.zeros(())
     kl = reg_log.get("kl_loss", torch.zeros((), device=x.device)).float()  # summed over a sample's latent
-    loss = settings.loss.l1 * l1 + settings.loss.mse * mse + settings.loss.kl * kl / x[0].numel()
+    loss = settings.loss.l1 * l1 + settings.loss.mse * mse + settings.loss.lowpass * lowpass + settings.loss.kl * kl / x[0].numel()
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss became {float(loss)} at step {step + 1}; lower lr or check the data")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     model.on_train_batch_end()
-    return {"loss": float(loss.detach()), "l1": float(l1.detach()), "mse": float(mse.detach()), "kl": float(kl.detach())}
+    return {"loss": float(loss.detach()), "l1": float(l1.detach()), "mse": float(mse.detach()), "kl": float(kl.detach()),
+            "lowpass": float(lowpass.detach())}
 
 
 def train(

@@ -40,6 +40,8 @@ class LossSettings:
     l1: float = 1.0
     mse: float = 0.0
     kl: float = 1e-6
+    lowpass: float = 0.0  # MSE of the lowpass_size x lowpass_size block means: the low-frequency (colour) error, weighted up
+    lowpass_size: int = 8
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,8 @@ def load_train_settings(path: str | Path, overrides: dict[str, Any] | None = Non
         raise ConfigError(f"bad value: {err}", path) from None
     if settings.schedule not in SCHEDULES:
         raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {settings.schedule!r}", path)
+    if settings.loss.lowpass_size <= 0 or settings.data.crop % settings.loss.lowpass_size:
+        raise ConfigError(f"loss.lowpass_size must divide data.crop, got {settings.loss.lowpass_size}", path)
     if settings.precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {settings.precision!r}", path)
     if settings.data.crop % 8 or settings.data.crop <= 0:
