@@ -1,11 +1,17 @@
-"""Copy the training and validation photos of the shipped `mini` model out of installed pip packages.
+"""Gather the training and validation images of the shipped `mini` model (licences in MODEL_CARD.md).
 
-Every image comes from a package's own sample data (licences in MODEL_CARD.md); nothing is
-downloaded. Run: python scripts/prepare_mini_data.py [OUT_DIR]   (default: data/mini)
+1. Sample photos out of installed pip packages (scikit-image, scikit-learn, matplotlib) -> OUT/train, OUT/val.
+2. Unless --no-wallpapers: the wallpapers of five Debian packages, fetched with `apt-get download`
+   (no install; needs `apt-get update` once) and unpacked with `dpkg -x` under OUT/debs, each resized
+   to WALLPAPER_SIDE px on its short side -> OUT/train/wallpapers. Only these packages are used for
+   training; other wallpaper packages are kept for independent evaluation.
+
+Run: python scripts/prepare_mini_data.py [OUT_DIR] [--no-wallpapers]   (default: data/mini)
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
@@ -38,7 +44,58 @@ SOURCES: dict[str, list[tuple[str, str, str]]] = {
 }
 
 
-def main(out: Path) -> None:
+# Debian package -> its version used for the shipped model (apt-get download asks for exactly this one).
+WALLPAPER_PACKAGES = {
+    "plasma-workspace-wallpapers": "4:5.27.5-2",  # GPL-2+
+    "gnome-backgrounds": "43.1-1",  # CC BY-SA 3.0 / 2.0, CC BY 2.0, GPL-2+ (per image, see its copyright file)
+    "ukui-wallpapers": "20.04.3-1.1",  # CC BY-SA 3.0
+    "lomiri-wallpapers": "20.04.0-2",  # CC BY-SA 3.0 (per image, see its copyright file)
+    "sway-backgrounds": "1.7-6",  # MIT (Expat)
+}
+WALLPAPER_SIDE = 768  # short side after resizing: detail per pixel closer to the small validation photos
+SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # SVGs are skipped
+
+
+def pick_wallpapers(root: Path) -> list[Path]:
+    """The largest landscape raster image of each wallpaper folder (one per design and variant), no screenshots."""
+    best: dict[Path, tuple[int, Path]] = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() not in SUFFIXES or "screenshot" in path.name or path.is_symlink() or not path.is_file():
+            continue
+        with Image.open(path) as img:
+            w, h = img.size
+        if w < h:
+            continue
+        if "/gnome/" in path.as_posix() or path.parent.name == "backgrounds":  # one file per design in these folders
+            best[path] = (w * h, path)
+        elif w * h > best.get(path.parent, (0, path))[0]:
+            best[path.parent] = (w * h, path)
+    return sorted(p for _, p in best.values())
+
+
+def wallpapers(out: Path) -> None:
+    """apt-get download + dpkg -x each package under out/debs; write the picks, resized, under out/train/wallpapers."""
+    debs, dest = out / "debs", out / "train" / "wallpapers"
+    debs.mkdir(parents=True, exist_ok=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    for package, version in WALLPAPER_PACKAGES.items():
+        if not list(debs.glob(f"{package}_*.deb")):
+            subprocess.run(["apt-get", "download", f"{package}={version}"], cwd=debs, check=True)
+        deb = next(debs.glob(f"{package}_*.deb"))
+        root = debs / package
+        subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+        for path in pick_wallpapers(root / "usr" / "share"):
+            with Image.open(path) as img:
+                rgb = img.convert("RGB")
+            scale = WALLPAPER_SIDE / min(rgb.size)
+            if scale < 1:
+                rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.LANCZOS)
+            name = "-".join(path.relative_to(root / "usr" / "share").with_suffix("").parts[-4:])
+            rgb.save(dest / f"{package}--{name}.png")
+            print(f"train: {package}: {path.relative_to(root)}")
+
+
+def main(out: Path, with_wallpapers: bool = True) -> None:
     """Write every source image as RGB PNG under out/train and out/val."""
     for split, items in SOURCES.items():
         (out / split).mkdir(parents=True, exist_ok=True)
@@ -48,7 +105,10 @@ def main(out: Path) -> None:
                 rgb = img.convert("RGBA").convert("RGB") if img.mode in ("RGBA", "LA", "P") else img.convert("RGB")
                 rgb.save(out / split / f"{Path(name).stem}.png")
             print(f"{split}: {package}/{folder}/{name}")
+    if with_wallpapers:
+        wallpapers(out)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("data/mini"))
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    main(Path(args[0]) if args else Path("data/mini"), "--no-wallpapers" not in sys.argv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import signal
 import subprocess
 import sys
@@ -222,3 +223,70 @@ def test_gradient_checkpointing_value_is_checked(tmp_path: Path) -> None:
         load_train_settings(_config(tmp_path, gradient_checkpointing="yes"))
     with pytest.raises(ConfigError, match="did you mean 'gradient_checkpointing'"):
         load_train_settings(_config(tmp_path, gradient_checkpoint=True))
+
+
+def test_bf16_precision_runs_the_forward_in_bf16_and_keeps_fp32_weights(tmp_path: Path) -> None:
+    from vaetool.train.data import load_folder_images
+    from vaetool.train.loop import build_model, training_step
+
+    settings = load_train_settings(_config(tmp_path, precision="bf16"))
+    x = random_batch(load_folder_images(settings.data.train, 32, print), settings.data, 0, 0)  # [2, 3, 32, 32]
+    runs = []
+    for _ in range(2):  # the same step twice from the same state: bit-identical (what resume relies on)
+        model = build_model(settings, None, False).train()
+        seen: set[torch.dtype] = set()
+        model.decoder.conv_out.register_forward_hook(lambda _m, _i, out, seen=seen: seen.add(out.dtype))
+        opt = model.instantiate_optimizer_from_config(list(model.get_autoencoder_params()), settings.lr, settings.optimizer)
+        terms = training_step(model, opt, settings, x, 0)
+        assert seen == {torch.bfloat16} and math.isfinite(terms["loss"])
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        runs.append(model.decoder.conv_out.weight.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+    fp32 = build_model(settings, None, False).train()
+    opt = fp32.instantiate_optimizer_from_config(list(fp32.get_autoencoder_params()), settings.lr, settings.optimizer)
+    training_step(fp32, opt, load_train_settings(_config(tmp_path)), x, 0)
+    assert not torch.equal(fp32.decoder.conv_out.weight, runs[0])  # bf16 did change the arithmetic
+
+
+def test_unknown_precision_is_named(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", str(_config(tmp_path, precision="fp8")), "-o", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "precision" in result.stderr and "fp8" in result.stderr
+
+
+def test_block_mean_mse_sees_only_the_low_frequencies() -> None:
+    from vaetool.train.loop import block_mean_mse
+
+    a = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(0))
+    checker = (torch.arange(16)[:, None] + torch.arange(24)[None]) % 2 * 0.4 - 0.2  # zero mean in every 8x8 block
+    assert float(block_mean_mse(a + checker, a, 8)) < 1e-12
+    assert float(block_mean_mse(a + 0.1, a, 8)) == pytest.approx(0.01)
+    full = float(((a + checker + 0.1 - a) ** 2).mean())  # the squared error splits: block means + inside the blocks
+    assert full == pytest.approx(float(block_mean_mse(a + checker + 0.1, a, 8)) + float((checker**2).mean()))
+
+
+def test_lowpass_loss_trains_and_is_logged(runner: CliRunner, tmp_path: Path) -> None:
+    cfg = _config(tmp_path, steps=40, lr=5e-3, val_every=1000, loss={"l1": 0.0, "mse": 0.0, "lowpass": 1.0, "lowpass_size": 8})
+    result = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "run"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert rows[0].split(",")[5] == "lowpass"
+    last = rows[-1].split(",")
+    assert float(last[1]) == pytest.approx(float(last[5]), rel=1e-5)  # the loss is the lowpass term alone
+    from vaetool.train.data import load_folder_images
+    from vaetool.train.loop import block_mean_mse
+
+    settings = load_train_settings(cfg)
+    x = random_batch(load_folder_images(settings.data.train, 32, print), settings.data, 10_000, 123)  # [2, 3, 32, 32]
+    errors = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the trainer's initial weights
+        init = instantiate_from_config(TINY_MODEL).state_dict()
+    for weights in (init, safetensors.torch.load_file(str(tmp_path / "run" / "model.safetensors"))):
+        model = instantiate_from_config(TINY_MODEL).eval()
+        model.load_state_dict(weights, strict=True)
+        with torch.no_grad():
+            errors.append(float(block_mean_mse(model.decode(model.encode_moments(x).chunk(2, dim=1)[0]), x, 8)))
+    assert errors[1] < 0.8 * errors[0], errors
+    bad = _config(tmp_path, loss={"lowpass": 1.0, "lowpass_size": 5})
+    result = runner.invoke(app, ["train", str(bad), "-o", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "lowpass_size" in result.stderr  # a config error is a usage error

@@ -14,6 +14,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+import torch.nn.functional as F
 import yaml
 
 from vaetool import __version__
@@ -29,8 +30,9 @@ from vaetool.train.data import center_crop, load_folder_images, random_batch, to
 from vaetool.train.settings import TrainSettings
 
 STATE_FILE, WEIGHTS_FILE, LOG_FILE, SUMMARY_FILE = "state.pt", "model.safetensors", "log.csv", "summary.json"
-LOG_FIELDS = ("step", "loss", "l1", "mse", "kl", "lr", "val_psnr", "seconds")
+LOG_FIELDS = ("step", "loss", "l1", "mse", "kl", "lowpass", "lr", "val_psnr", "seconds")
 Progress = Callable[[int, int, dict[str, float]], None]
+AUTOCAST = {"fp32": torch.float32, "bf16": torch.bfloat16}  # `precision`: the forward pass's autocast dtype
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,37 @@ def _trim_log(path: Path, last_step: int) -> None:
         writer.writerows(rows)
 
 
+def block_mean_mse(a: torch.Tensor, b: torch.Tensor, size: int) -> torch.Tensor:
+    """MSE between the size x size block means of a and b [B, C, H, W]: the part of the error a box resize would see.
+
+    The squared error of an image splits exactly into this (times 1) plus the error inside the blocks;
+    weighting it up makes colour and brightness of each block, where a small VAE loses most, count more.
+    """
+    return ((F.avg_pool2d(a, size) - F.avg_pool2d(b, size)) ** 2).mean()  # [B, C, H/size, W/size] -> []
+
+
+def training_step(
+    model: AutoencodingEngine, opt: torch.optim.Optimizer, settings: TrainSettings, x: torch.Tensor, step: int
+) -> dict[str, float]:
+    """One optimizer step on batch x [B, 3, H, W] in [-1, 1]; returns the loss terms as floats."""
+    torch.manual_seed(settings.seed * 1_000_003 + step)  # the posterior sample: a resumed run repeats it
+    with torch.autocast(x.device.type, dtype=AUTOCAST[settings.precision], enabled=settings.precision != "fp32"):
+        _, dec, reg_log = model(x)
+    dec = dec.float()  # [B, 3, H, W]; the loss in fp32 whatever the forward ran in
+    l1, mse = (dec - x).abs().mean(), ((dec - x) ** 2).mean()
+    lowpass = block_mean_mse(dec, x, settings.loss.lowpass_size) if settings.loss.lowpass else torch.zeros(())
+    kl = reg_log.get("kl_loss", torch.zeros((), device=x.device)).float()  # summed over a sample's latent
+    loss = settings.loss.l1 * l1 + settings.loss.mse * mse + settings.loss.lowpass * lowpass + settings.loss.kl * kl / x[0].numel()
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss became {float(loss)} at step {step + 1}; lower lr or check the data")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    model.on_train_batch_end()
+    return {"loss": float(loss.detach()), "l1": float(l1.detach()), "mse": float(mse.detach()), "kl": float(kl.detach()),
+            "lowpass": float(lowpass.detach())}
+
+
 def train(
     settings: TrainSettings,
     out_dir: str | Path,
@@ -172,20 +205,9 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = lr
             x = random_batch(train_images, settings.data, step, settings.seed).to(device)  # [B, 3, crop, crop]
-            torch.manual_seed(settings.seed * 1_000_003 + step)  # the posterior sample: a resumed run repeats it
-            _, dec, reg_log = model(x)
-            l1, mse = (dec - x).abs().mean(), ((dec - x) ** 2).mean()
-            kl = reg_log.get("kl_loss", torch.zeros((), device=device))  # summed over a sample's latent
-            loss = settings.loss.l1 * l1 + settings.loss.mse * mse + settings.loss.kl * kl / x[0].numel()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {float(loss)} at step {step + 1}; lower lr or check the data")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            model.on_train_batch_end()
+            terms = training_step(model, opt, settings, x, step)
             done = step + 1
-            row: dict[str, Any] = {"step": done, "loss": float(loss.detach()), "l1": float(l1.detach()), "mse": float(mse.detach()),
-                                   "kl": float(kl.detach()), "lr": lr, "val_psnr": "", "seconds": round(time.time() - began, 2)}
+            row: dict[str, Any] = {"step": done, **terms, "lr": lr, "val_psnr": "", "seconds": round(time.time() - began, 2)}
             if val_images and (done % settings.val_every == 0 or done == settings.steps):
                 val_psnr, latent_std = validate(model, val_images, settings.data.val_size)
                 row["val_psnr"] = round(val_psnr, 3)

@@ -40,6 +40,8 @@ class LossSettings:
     l1: float = 1.0
     mse: float = 0.0
     kl: float = 1e-6
+    lowpass: float = 0.0  # MSE of the lowpass_size x lowpass_size block means: the low-frequency (colour) error, weighted up
+    lowpass_size: int = 8
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class TrainSettings:
     schedule: str = "cosine"  # or "constant"
     steps: int = 1000
     ema_decay: float = 0.999
+    precision: str = "fp32"  # or "bf16": the forward pass under autocast (weights, optimizer and loss stay fp32)
     init_logvar: float | None = None  # a fresh model's posterior log-variance bias (e.g. -8: near-noiseless latents)
     gradient_checkpointing: bool = False  # recompute each res/attention block in backward: less memory, more time
     checkpoint_every: int = 100
@@ -65,6 +68,7 @@ class TrainSettings:
 
 
 SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("fp32", "bf16")
 
 
 def _check_keys(section: str, given: dict[str, Any], cls: type, source: str) -> None:
@@ -123,6 +127,10 @@ def load_train_settings(path: str | Path, overrides: dict[str, Any] | None = Non
         raise ConfigError(f"bad value: {err}", path) from None
     if settings.schedule not in SCHEDULES:
         raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {settings.schedule!r}", path)
+    if settings.loss.lowpass_size <= 0 or settings.data.crop % settings.loss.lowpass_size:
+        raise ConfigError(f"loss.lowpass_size must divide data.crop, got {settings.loss.lowpass_size}", path)
+    if settings.precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {settings.precision!r}", path)
     if settings.data.crop % 8 or settings.data.crop <= 0:
         raise ConfigError(f"data.crop must be a positive multiple of 8, got {settings.data.crop}", path)
     if not isinstance(settings.gradient_checkpointing, bool):
