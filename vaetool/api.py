@@ -14,6 +14,7 @@ from vaetool import tiling as tiled
 from vaetool.config import instantiate_from_config, load_vae_config
 from vaetool.errors import ConfigError, UsageError
 from vaetool.families import LatentFormat, bind_statistics, get_family
+from vaetool.io.images import crop_to, pad_to_multiple
 from vaetool.nn.autoencoder import AutoencodingEngine
 from vaetool.tiling import Tiling
 
@@ -69,7 +70,12 @@ class Vae:
         scaled: bool = False,
         tiling: Tiling | None = None,
     ) -> torch.Tensor:
-        """Images in [-1, 1] -> raw latents (the posterior mode, or a sample); `scaled` applies scale/shift."""
+        """Images [B, 3, H, W] in [-1, 1] -> raw latents [B, C, ceil(H/f), ceil(W/f)] (the posterior mode, or a sample).
+
+        Images are padded (replicate) on the bottom/right to a multiple of the downscale, as the
+        commands do; `decode(..., size=(H, W))` crops back. `scaled` applies the family's scale/shift.
+        """
+        images, _ = pad_to_multiple(images, self.downscale)  # [B, 3, H', W']
         mean, logvar = self.moments(images, tiling=tiling)
         latents = mean
         if sample:
@@ -79,13 +85,27 @@ class Vae:
 
     @torch.inference_mode()
     def decode(
-        self, latents: torch.Tensor, *, scaled: bool = False, tiling: Tiling | None = None, timesteps: int | None = None
+        self,
+        latents: torch.Tensor,
+        *,
+        scaled: bool = False,
+        tiling: Tiling | None = None,
+        timesteps: int | None = None,
+        size: tuple[int, int] | None = None,
+        clamp: bool = True,
     ) -> torch.Tensor:
-        """Latents [B, C, h, w] (raw, or scaled when `scaled`) -> images [B, 3, h*f, w*f], about [-1, 1], within `tiling`."""
+        """Latents [B, C, h, w] (raw, or scaled when `scaled`) -> images [B, 3, h*f, w*f], about [-1, 1], within `tiling`.
+
+        `size` (H, W) crops to the image's size before padding; images are clipped to [-1, 1] unless
+        `clamp=False` (the raw decode, as diffusers returns it, which can overshoot slightly).
+        """
         z = latents.to(self.device, self.dtype)
         if scaled:
             z = self.latent_format.to_raw(z)
-        return tiled.decode(self.model, z, tiling, timesteps=timesteps)
+        images = tiled.decode(self.model, z, tiling, timesteps=timesteps)  # [B, 3, H', W']
+        if size is not None:
+            images = crop_to(images, (int(size[0]), int(size[1])))
+        return images.clamp(-1.0, 1.0) if clamp else images
 
 
 def _resolve_format(
@@ -176,3 +196,20 @@ def load_vae(
         source["notes"] = [note]
     return Vae(model=model, latent_format=fmt, source=source).to(device, dtype)
 
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """An image file (PNG, JPEG, WebP, BMP, TIFF; any mode, EXIF orientation applied) -> [3, H, W] in [-1, 1]."""
+    from vaetool.io import images
+
+    return images.load_image(path)
+
+
+def save_image(image: torch.Tensor, path: str | Path, *, bits: int = 8, overwrite: bool = True) -> Path:
+    """An image [3, H, W] (or [1, 3, H, W]) in [-1, 1] -> a PNG file (8- or 16-bit), written atomically; returns its path."""
+    from vaetool.io import images
+
+    image = image[0] if image.ndim == 4 and image.shape[0] == 1 else image
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images.save_png(path, image.detach().float().cpu(), bits=bits, overwrite=overwrite)
+    return path

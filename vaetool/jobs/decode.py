@@ -156,7 +156,7 @@ def decode_stages(vae: Vae, settings: DecodeSettings, run: RunOptions, fallback:
         return Loaded(raw, {"size": original_size(job.item.metadata), "text": text})
 
     def compute(z: torch.Tensor, jobs: Sequence[DecodeJob]) -> torch.Tensor:
-        return fallback(lambda v: v.decode(z, tiling=run.tiling).float())  # [B, 3, H, W]
+        return fallback(lambda v: v.decode(z, tiling=run.tiling, clamp=False).float())  # [B, 3, H, W]
 
     def write(job: DecodeJob, image: torch.Tensor, info: dict[str, Any]) -> Path:
         size = info["size"]

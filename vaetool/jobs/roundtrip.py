@@ -130,7 +130,7 @@ def roundtrip_stages(vae: Vae, settings: RoundtripSettings, run: RunOptions, fal
     def compute(images: torch.Tensor, jobs: Sequence[Job]) -> torch.Tensor:
         keys = [j.key for j in jobs]
         latents = fallback(lambda v: latents_of(v, images, keys, mode, run), "an encoder batch")  # [B, C, h, w]
-        return fallback(lambda v: v.decode(latents, tiling=run.tiling).float(), "a decoder batch")  # [B, 3, H, W]
+        return fallback(lambda v: v.decode(latents, tiling=run.tiling, clamp=False).float(), "a decoder batch")  # [B, 3, H, W]
 
     def write(job: Job, image: torch.Tensor, info: dict[str, Any]) -> ImageResult:
         h, w = info["original_size"]

@@ -136,7 +136,7 @@ def frame_decoder(
         chunk += 1
         what = f"decoder chunk {chunk} ({z.shape[0]} frames)"
         timesteps = n if plan.temporal else None
-        out = fallback(lambda v: v.decode(z, scaled=scaled, tiling=plan.tiling, timesteps=timesteps), what)  # [L, 3, H, W]
+        out = fallback(lambda v: v.decode(z, scaled=scaled, tiling=plan.tiling, timesteps=timesteps, clamp=False), what)  # [L, 3, H, W]
         return _finite(out, what, source)
 
     return decode
