@@ -16,9 +16,11 @@ from vaetool.errors import ConfigError, UsageError
 from vaetool.families import LatentFormat, bind_statistics, get_family
 from vaetool.io.images import crop_to, pad_to_multiple
 from vaetool.nn.autoencoder import AutoencodingEngine
+from vaetool.nn.util import loaded_weight
 from vaetool.tiling import Tiling
 
 DEFAULT_MODEL = "mini"
+UNLOADED = {"all": None, "encoder": "decoder", "decoder": "encoder"}  # parts= -> the coder left unloaded
 
 
 class RandomWeightsWarning(UserWarning):
@@ -32,16 +34,17 @@ class Vae:
     model: AutoencodingEngine
     latent_format: LatentFormat
     source: dict[str, Any] = field(default_factory=dict)
+    parts: str = "all"  # "encoder" or "decoder": only that coder's weights are loaded (the other is on the meta device)
 
     @property
     def device(self) -> torch.device:
         """Device of the weights."""
-        return next(self.model.parameters()).device
+        return loaded_weight(self.model).device
 
     @property
     def dtype(self) -> torch.dtype:
         """Floating dtype of the weights."""
-        return next(self.model.parameters()).dtype
+        return loaded_weight(self.model).dtype
 
     @property
     def downscale(self) -> int:
@@ -49,13 +52,23 @@ class Vae:
         return self.model.downscale
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Vae:
-        """Move the weights; returns self."""
-        self.model.to(device=device, dtype=dtype)
+        """Move the weights (those loaded: a coder left on the meta device stays there); returns self."""
+        unloaded = UNLOADED[self.parts]
+        if unloaded is None:
+            self.model.to(device=device, dtype=dtype)
+            return self
+        for name, child in self.model.named_children():  # the models keep every weight in a child module
+            child.to(device=device if name != unloaded else None, dtype=dtype)
         return self
+
+    def _require(self, part: str, verb: str) -> None:
+        if self.parts not in ("all", part):
+            raise UsageError(f"this VAE was loaded with parts={self.parts!r}, so it cannot {verb}: load it with parts='all' or {part!r}")
 
     @torch.inference_mode()
     def moments(self, images: torch.Tensor, *, tiling: Tiling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Images [B, 3, H, W] in [-1, 1] -> posterior (mean, logvar), each [B, C, ceil(H/f), ceil(W/f)], within `tiling`."""
+        self._require("encoder", "encode")
         moments = tiled.encode(self.model, images, tiling)  # [B, 2C, h, w]
         mean, logvar = torch.chunk(moments, 2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
@@ -99,6 +112,7 @@ class Vae:
         `size` (H, W) crops to the image's size before padding; images are clipped to [-1, 1] unless
         `clamp=False` (the raw decode, as diffusers returns it, which can overshoot slightly).
         """
+        self._require("decoder", "decode")
         z = latents.to(self.device, self.dtype)
         if scaled:
             z = self.latent_format.to_raw(z)
@@ -147,8 +161,12 @@ def load_vae(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     random_weights: bool = False,
+    parts: str = "all",
 ) -> Vae:
     """Build a VAE from a config (shipped name or YAML) and/or a checkpoint; the default model if neither.
+
+    `parts="decoder"` (or "encoder") loads only that coder's weights: the other is never read from
+    the checkpoint (its keys and shapes are still checked) and stays on the meta device.
 
     A config without weights is an error unless it is a test model (`test_model: true`) or
     `random_weights=True` asks for random weights; those are then recorded in `vae.source`.
@@ -158,20 +176,29 @@ def load_vae(
     from vaetool.checkpoints import load_into
     from vaetool.sources import advised_dtype, check_family, open_checkpoint
 
+    if parts not in UNLOADED:
+        raise UsageError(f"parts={parts!r}: expected one of {', '.join(UNLOADED)}")
+    unloaded = UNLOADED[parts]
     if config is None and checkpoint is None:
         config = DEFAULT_MODEL
     vcfg = load_vae_config(config, overrides) if config is not None else None
     source: dict[str, Any] = {"config": None if vcfg is None else vcfg.source}
     if checkpoint is None and vcfg is not None and vcfg.checkpoint is not None:
         checkpoint = vcfg.checkpoint
-    loaded = open_checkpoint(checkpoint, ema=ema, subfolder=subfolder) if checkpoint is not None else None
+    loaded = open_checkpoint(checkpoint, ema=ema, subfolder=subfolder, without=unloaded) if checkpoint is not None else None
     if vcfg is not None and loaded is not None and "diffusers_config" in loaded.origin:
         raise ConfigError("a diffusers folder brings its own config.json: give it without --config/--model "
                           "(--family names the family)", loaded.origin["diffusers_config"])
     model_cfg = vcfg.model if vcfg is not None else loaded.config
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # a config without weights gets the same random weights in every process
-        model = instantiate_from_config(model_cfg)
+    if loaded is not None:  # built on the meta device: no initialisation, the checkpoint's tensors become the weights
+        with torch.device("meta"):
+            model = instantiate_from_config(model_cfg)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # a config without weights gets the same random weights in every process
+            model = instantiate_from_config(model_cfg)
+        if unloaded is not None:
+            setattr(model, unloaded, getattr(model, unloaded).to("meta"))
     if loaded is None:
         if not random_weights and not (vcfg is not None and vcfg.test_model):
             raise UsageError(
@@ -182,7 +209,8 @@ def load_vae(
         warnings.warn(f"{config}: random weights: the outputs mean nothing (they are marked random_weights: true)",
                       RandomWeightsWarning, stacklevel=2)
     else:
-        load_into(model, loaded.state_dict, loaded.path)
+        load_into(model, loaded.state_dict, loaded.path, assign=True)
+        _check_loaded(model, unloaded)
         source |= {"checkpoint": str(loaded.path), "sha256": loaded.sha256, "layout": loaded.layout, "ema": loaded.used_ema}
     model.eval().requires_grad_(False)
     declared = vcfg.latent_format if vcfg is not None else (loaded.latent_format if loaded is not None else None)
@@ -194,7 +222,15 @@ def load_vae(
     dtype, note = advised_dtype(loaded, dtype)
     if note is not None:
         source["notes"] = [note]
-    return Vae(model=model, latent_format=fmt, source=source).to(device, dtype)
+    return Vae(model=model, latent_format=fmt, source=source, parts=parts).to(device, dtype)
+
+
+def _check_loaded(model: torch.nn.Module, unloaded: str | None) -> None:
+    """Every weight outside the unloaded coder holds data (none was left on the meta device)."""
+    skip = () if unloaded is None else (f"{unloaded}.",)
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and not n.startswith(skip)]
+    if empty:
+        raise RuntimeError(f"weights left without data after loading: {', '.join(empty[:5])}")
 
 
 def load_image(path: str | Path) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -54,8 +55,12 @@ def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
     return safetensors_header(Path(path), CheckpointError)[1]
 
 
-def read_state_dict(path: str | Path) -> dict[str, Any]:
-    """Read a .safetensors file, or a .ckpt/.pt/.pth/.bin pickle with weights_only; the raw top-level dict."""
+def read_state_dict(path: str | Path, skip: Callable[[str], bool] | None = None) -> dict[str, Any]:
+    """Read a .safetensors file, or a .ckpt/.pt/.pth/.bin pickle with weights_only; the raw top-level dict.
+
+    Safetensors keys for which `skip(key)` is true come back as meta tensors (shape and dtype, no data);
+    a torch zip file is memory-mapped, so tensors nobody uses are never read.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError("no such file", path)
@@ -66,7 +71,7 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
             raise CheckpointError("empty file (0 bytes)", path)
         suffix = path.suffix.lower()
         if suffix in SAFETENSORS_SUFFIXES or looks_like_safetensors(path):  # renamed files too
-            obj: Any = read_safetensors(path, CheckpointError)
+            obj: Any = read_safetensors(path, CheckpointError, skip=skip)
         else:
             obj = load_weights_only(path, CheckpointError, "checkpoint")
     except OSError as err:
@@ -264,8 +269,11 @@ def _listing(what: str, items: list[str], limit: int = 3) -> str:
     return f"{len(items)} {what} ({', '.join(items[:limit])}{more})"
 
 
-def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: str | Path | None = None) -> None:
-    """Strictly load `sd` into `model`: every key and shape is checked first, tensors cast to the model's dtypes."""
+def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: str | Path | None = None, *, assign: bool = False) -> None:
+    """Strictly load `sd` into `model`: every key and shape is checked first, tensors cast to the model's dtypes.
+
+    `assign` makes the tensors the model's own (no copy): for a model built on the meta device.
+    """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -277,7 +285,7 @@ def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: str | P
     problems = [_listing(w, items) for w, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
     if problems:
         raise CheckpointError(f"checkpoint does not fit the model: {'; '.join(problems)}", path)
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=True)
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=True, assign=assign)
 
 
 @dataclass
@@ -318,10 +326,29 @@ def _set_norm_groups(config: dict[str, Any], value: str | None) -> None:
         config["params"][coder]["params"]["norm_groups"] = int(value)
 
 
-def load_checkpoint(path: str | Path, *, ema: bool = False) -> LoadedCheckpoint:
-    """Read any supported VAE checkpoint file into original layout plus its model config (no model built)."""
+def unread_keys(without: str | None = None) -> Callable[[str], bool]:
+    """Keys of a checkpoint file that need not be read: all outside the VAE, and those of the coder `without` names."""
+
+    def skip(key: str) -> bool:
+        if key.startswith(EMA_PREFIX):
+            return False
+        for prefix in VAE_PREFIXES:
+            rest = key[len(prefix):] if key.startswith(prefix) else ""
+            if rest.startswith(VAE_ROOTS) and not (without is not None and rest.startswith(f"{without}.")):
+                return False
+        return True
+
+    return skip
+
+
+def load_checkpoint(path: str | Path, *, ema: bool = False, without: str | None = None) -> LoadedCheckpoint:
+    """Read any supported VAE checkpoint file into original layout plus its model config (no model built).
+
+    Only the VAE's tensors are read from a safetensors file; `without="encoder"` (or "decoder") leaves
+    that coder's tensors unread too (meta tensors: every key and shape is still there to check).
+    """
     path = Path(path)
-    raw = read_state_dict(path)
+    raw = read_state_dict(path, skip=unread_keys(without))
     try:
         found = extract_vae(raw, ema=ema)
         layout, sd, config = convert_any(found.state_dict)

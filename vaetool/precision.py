@@ -26,7 +26,7 @@ def fp32_copy(vae: Vae) -> Vae:
     """The same VAE with float32 weights (a separate copy: the half-precision one stays as it is)."""
     from vaetool.api import Vae as VaeClass
 
-    return VaeClass(copy.deepcopy(vae.model).float(), vae.latent_format, dict(vae.source))
+    return VaeClass(copy.deepcopy(vae.model).float(), vae.latent_format, dict(vae.source), parts=vae.parts)
 
 
 def is_finite(out: torch.Tensor) -> bool:

@@ -23,12 +23,14 @@ from vaetool.hub import looks_like_repo_id, resolve_repo
 __all__ = ["advised_dtype", "check_family", "load_folder", "open_checkpoint"]
 
 
-def load_folder(folder: Path, *, subfolder: str | None = None, ema: bool = False, origin: dict[str, str] | None = None) -> LoadedCheckpoint:
+def load_folder(
+    folder: Path, *, subfolder: str | None = None, ema: bool = False, origin: dict[str, str] | None = None, without: str | None = None
+) -> LoadedCheckpoint:
     """A diffusers VAE folder (or a pipeline folder's vae/, or `subfolder`): its weights, checked against its config.json."""
     names, where = folder_files(folder, subfolder), (origin or {}).get("repo", folder)
     config_name = find_config(names, subfolder, where)
     cfg = read_config(folder / config_name)  # an unsupported class is named before missing weights
-    loaded = load_checkpoint(folder / find_weights(names, config_name, where), ema=ema)
+    loaded = load_checkpoint(folder / find_weights(names, config_name, where), ema=ema, without=without)
     check_weights(cfg, loaded.config, loaded.path)
     for coder in ("encoder_config", "decoder_config"):
         loaded.config["params"][coder]["params"]["norm_groups"] = cfg.norm_num_groups
@@ -39,17 +41,22 @@ def load_folder(folder: Path, *, subfolder: str | None = None, ema: bool = False
     )
 
 
-def open_checkpoint(checkpoint: str | Path, *, ema: bool = False, subfolder: str | None = None) -> LoadedCheckpoint:
-    """A weights file, a diffusers folder, or (a str) a Hugging Face repo id ORG/NAME[@REV], loaded (no model built)."""
+def open_checkpoint(
+    checkpoint: str | Path, *, ema: bool = False, subfolder: str | None = None, without: str | None = None
+) -> LoadedCheckpoint:
+    """A weights file, a diffusers folder, or (a str) a Hugging Face repo id ORG/NAME[@REV], loaded (no model built).
+
+    `without="encoder"` (or "decoder") leaves that coder's tensors unread (meta tensors, for the key check).
+    """
     path = Path(checkpoint)
     if path.is_dir():
-        return load_folder(path, subfolder=subfolder, ema=ema)
+        return load_folder(path, subfolder=subfolder, ema=ema, without=without)
     if looks_like_repo_id(checkpoint):
         snapshot, origin = resolve_repo(str(checkpoint), subfolder)
-        return load_folder(snapshot, subfolder=subfolder, ema=ema, origin=origin)
+        return load_folder(snapshot, subfolder=subfolder, ema=ema, origin=origin, without=without)
     if subfolder is not None:
         raise UsageError(f"--subfolder {subfolder} applies to a diffusers folder or a repo id, not a file", path)
-    return load_checkpoint(path, ema=ema)
+    return load_checkpoint(path, ema=ema, without=without)
 
 
 def check_family(declared: LatentFormat | None, chosen: LatentFormat, where: str) -> None:

@@ -153,12 +153,12 @@ FailFastOpt = Annotated[bool, typer.Option("--fail-fast", help="Stop at the firs
 
 def model_spec(
     config: str | None, checkpoint: str | None, model: str | None, family: str | None, ema: bool, device: Device, dtype: Dtype,
-    attention: str | None, random_weights: bool = False, subfolder: str | None = None,
+    attention: str | None, random_weights: bool = False, subfolder: str | None = None, parts: str = "all",
 ) -> ModelSpec:
-    """The ModelSpec of the model options every command takes."""
+    """The ModelSpec of the model options every command takes (`parts`: the coder the command runs, or all)."""
     from vaetool.jobs.common import ModelSpec
 
-    return ModelSpec(config, checkpoint, model, family, ema, device.value, dtype.value, attention, random_weights, subfolder)
+    return ModelSpec(config, checkpoint, model, family, ema, device.value, dtype.value, attention, random_weights, subfolder, parts)
 
 
 def load(spec: ModelSpec) -> Vae:

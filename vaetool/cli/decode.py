@@ -83,7 +83,7 @@ def command(
 
     if not inputs and files_from is None:
         raise UsageError("give latent files, folders or globs (or --files-from LIST)")
-    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, random_weights, subfolder)
+    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, random_weights, subfolder, parts="decoder")
     run_options(tile, tile_size, max_memory, batch_size)  # check the compute options before any work
     files = collect_inputs(inputs or [], recursive=recursive, files_from=files_from, suffixes=LATENT_SUFFIXES)
     if not files:

@@ -114,7 +114,7 @@ def command(
 
     if not inputs and files_from is None:
         raise UsageError("give image files, folders or globs, or --files-from LIST")
-    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, random_weights, subfolder)
+    spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, random_weights, subfolder, parts="encoder")
     run_options(tile, tile_size, max_memory, batch_size)  # check the compute options before any work
     rank, world = rank_and_world()
     settings = EncodeSettings(

@@ -12,6 +12,7 @@ import json
 import pickle
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,11 @@ __all__ = [
 MAX_HEADER_BYTES = MAX_SAFETENSORS_HEADER
 UNSAFE_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL (\S+)", re.IGNORECASE)  # torch's wordings vary by version
 TORCH_MAGIC = b"PK\x03\x04"  # torch.save's zip container
+# safetensors dtype names -> torch dtypes (the ones a checkpoint or latent may hold)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
 PICKLE_PROTOCOL = b"\x80"  # a pickle of protocol 2 or later (torch's legacy format)
 _np_core = getattr(np, "_core", None) or np.core
 # harmless globals a weights_only pickle may need (numpy scalars in Lightning callback state)
@@ -91,14 +97,30 @@ def safetensors_header(path: Path, error: type[VaeToolError]) -> tuple[dict[str,
     return header, {str(k): v for k, v in meta.items()}
 
 
-def read_safetensors(path: Path, error: type[VaeToolError], keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """The named tensors (all when `keys` is None) of a safetensors file whose header checks out."""
+def read_safetensors(
+    path: Path, error: type[VaeToolError], keys: list[str] | None = None, *, skip: Callable[[str], bool] | None = None
+) -> dict[str, torch.Tensor]:
+    """The named tensors (all when `keys` is None) of a safetensors file whose header checks out.
+
+    Keys for which `skip(key)` is true are not read: they come back as meta tensors of the
+    header's shape and dtype (their names and shapes can be checked, their data costs nothing).
+    """
     header, _ = safetensors_header(path, error)
+    wanted = list(header) if keys is None else keys
+    placeholders = {k: _meta_tensor(header[k], k, path, error) for k in wanted if skip is not None and k in header and skip(k)}
     try:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in (list(header) if keys is None else keys)}
+            return {k: placeholders[k] if k in placeholders else f.get_tensor(k) for k in wanted}
     except Exception as err:
         raise error(f"corrupt safetensors file: {first_line(err)}", path) from None
+
+
+def _meta_tensor(entry: dict[str, Any], key: str, path: Path, error: type[VaeToolError]) -> torch.Tensor:
+    """A meta tensor with a header entry's shape and dtype (no data read)."""
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise error(f"unsupported safetensors dtype {entry['dtype']} of {key}", path)
+    return torch.empty([int(n) for n in entry["shape"]], dtype=dtype, device="meta")
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -134,7 +156,8 @@ def load_weights_only(path: Path, error: type[VaeToolError], what: str = "torch 
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before failing or not
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # a zip file is mapped, not read: tensors nobody touches (a whole model's UNet) cost no memory
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=magic.startswith(TORCH_MAGIC))
     except pickle.UnpicklingError as err:
         if m := UNSAFE_GLOBAL.search(str(err)):
             raise error(

@@ -41,6 +41,7 @@ class ModelSpec:
     attention: str | None = None  # backend name; None or "auto": the default
     random_weights: bool = False  # a config without weights builds random ones (only for test runs)
     subfolder: str | None = None  # the VAE's folder inside a diffusers pipeline folder or repo (default vae/)
+    parts: str = "all"  # "decoder" or "encoder": load only the coder the job runs (the other is never read)
 
 
 def load_model(spec: ModelSpec, on_notice: Callable[[str], None] | None = None) -> Vae:
@@ -65,7 +66,7 @@ def load_model(spec: ModelSpec, on_notice: Callable[[str], None] | None = None) 
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     vae = load_vae(config, checkpoint, subfolder=spec.subfolder, family=spec.family, ema=spec.ema, device=device, dtype=dtype,
-                   random_weights=spec.random_weights)
+                   random_weights=spec.random_weights, parts=spec.parts)
     vae.source.setdefault("config_name", config)
     if on_notice is not None:
         for note in vae.source.get("notes", []):

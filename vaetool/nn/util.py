@@ -74,3 +74,8 @@ def init_(tensor: torch.Tensor) -> torch.Tensor:
     std = 1 / math.sqrt(tensor.shape[-1])
     with torch.no_grad():
         return tensor.uniform_(-std, std)
+
+
+def loaded_weight(model: nn.Module) -> torch.Tensor:
+    """The model's first parameter that holds data (not on the meta device): its device and dtype are the model's."""
+    return next(p for p in model.parameters() if not p.is_meta)

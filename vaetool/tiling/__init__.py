@@ -27,6 +27,7 @@ from vaetool import memory
 from vaetool.errors import ConfigError, MemoryBudgetError
 from vaetool.nn import attention
 from vaetool.nn.temporal import VideoDecoder
+from vaetool.nn.util import loaded_weight
 from vaetool.tiling.exact import clip_frames, decode_exact, encode_exact
 from vaetool.tiling.fast import decode_fast, encode_fast
 
@@ -114,7 +115,7 @@ def choose(
         raise ConfigError(f"--tile {tiling.mode} is not available for {type(model).__name__} models yet; use --tile auto or off")
     if tiling.mode != "auto" and tiling.tile_size is not None:
         return Choice(tiling.mode, tiling.tile_size, batch)
-    weight = next(model.parameters())
+    weight = loaded_weight(model)
     *first, last = ("exact", "fast") if tiling.mode == "auto" else (tiling.mode,)
     plan = None
     for mode in first:  # exact when it fits; the last candidate's budget error is the one raised
@@ -159,7 +160,7 @@ def _attention_cap(tiling: Tiling) -> Iterator[None]:
 
 def _run(model: torch.nn.Module, direction: str, data: torch.Tensor, tiling: Tiling, frames: int, timesteps: int | None) -> torch.Tensor:
     """Plan, then run chunk by chunk (whole clips), halving the tile of a chunk that runs out of memory."""
-    weight = next(model.parameters())
+    weight = loaded_weight(model)
     data = data.to(weight.device, weight.dtype)
     f = downscale(model)
     scale = f if direction == "decode" else 1

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vaetool.nn.util import loaded_weight
 from vaetool.tiling.program import IDENTITY, GlobalOp, Norm, Program, WindowOp, decoder_program, encoder_program
 
 MIN_TILE = 4  # smallest tile edge, in pixels of the activation being computed
@@ -312,7 +313,7 @@ def _run_window(
 
 def host_storage(model: torch.nn.Module) -> torch.device | None:
     """Where exact mode keeps its full-size activations: host memory when the model is on an accelerator."""
-    device = next(model.parameters()).device
+    device = loaded_weight(model).device
     return None if device.type == "cpu" else torch.device("cpu")
 
 
