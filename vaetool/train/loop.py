@@ -20,7 +20,7 @@ import yaml
 from vaetool import __version__
 from vaetool.checkpoints import load_checkpoint, load_into
 from vaetool.config import instantiate_from_config
-from vaetool.errors import CheckpointError, ConfigError, first_line
+from vaetool.errors import CheckpointError, ConfigError
 from vaetool.io.atomic import atomic_write, remove_stale_temps
 from vaetool.io.images import to_uint8
 from vaetool.io.safe import write_safetensors
@@ -121,7 +121,7 @@ def _save_state(model: AutoencodingEngine, opt: torch.optim.Optimizer, step: int
         try:
             torch.save(state, p)
         except RuntimeError as err:  # torch's zip writer reports a full disk as a RuntimeError
-            raise OSError(errno.EIO, f"torch.save failed: {first_line(err)}") from None
+            raise OSError(errno.EIO, f"torch.save failed: {' '.join(str(err).split())[:160]}") from None
 
     atomic_write(path, write, overwrite=True)
 
