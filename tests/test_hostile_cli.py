@@ -216,7 +216,7 @@ def test_latent_files_recording_unusable_scales_fail_alone(runner, tmp_path: Pat
 
 # ---- item 17c: an output folder that cannot be written fails before the model loads ----
 
-@pytest.mark.parametrize("command", ["encode", "decode", "roundtrip"])
+@pytest.mark.parametrize("command", ["encode", "decode", "roundtrip", "video"])
 def test_unwritable_output_folder_fails_before_the_model_loads(runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                               command: str) -> None:
     out = tmp_path / "out"
@@ -227,12 +227,17 @@ def test_unwritable_output_folder_fails_before_the_model_loads(runner, tmp_path:
         monkeypatch.setattr(os, "access", lambda p, mode, **kw: not (Path(p) == out and mode & os.W_OK) and real_access(p, mode, **kw))
     loads: list[Any] = []
     monkeypatch.setattr(vaetool.jobs.common, "load_model", lambda *a, **kw: loads.append(a))
+    args = [command, str(tmp_path / "in"), "-o", str(out), *MODEL]
     if command == "decode":
         save_latent(tmp_path / "in" / "a.safetensors", torch.zeros(4, 2, 3), {"scaled": False})
+    elif command == "video":  # frames in, a latent file in the folder out
+        for i in range(3):
+            _png(tmp_path / "in" / f"{i}.png", i)
+        args = ["video", "encode", str(tmp_path / "in"), "-o", str(out / "clip.safetensors"), "--model", "tiny-svd", "--quiet"]
     else:
         _png(tmp_path / "in" / "a.png")
     try:
-        result = runner.invoke(app, [command, str(tmp_path / "in"), "-o", str(out), *MODEL])
+        result = runner.invoke(app, args)
     finally:
         out.chmod(0o755)
     assert result.exit_code == 1, result.output
