@@ -251,10 +251,10 @@ def latent_format(cfg: DiffusersConfig) -> LatentFormat:
 
     sd1 and sd2 share one VAE and one format; such a folder is recorded as sd1 (--family sd2 renames it).
     """
+    if cfg.scaling_factor <= 0:  # 0 would turn every scaled latent into zeros; a negative one flips them
+        raise ConfigError(f"scaling_factor must be a number > 0, got {cfg.scaling_factor!r}", cfg.path)
     if cfg.latents_mean is not None or cfg.latents_std is not None:
         return _per_channel_format(cfg)
-    if cfg.scaling_factor == 0:
-        raise ConfigError("scaling_factor must not be 0", cfg.path)
     shift = cfg.shift_factor or 0.0
     for fmt in FAMILIES.values():
         if (

@@ -217,7 +217,7 @@ class _Run(Generic[J]):
             try:
                 result = fut.result()
             except ITEM_ERRORS as err:
-                reason = f"cannot write output: {describe_error(err)}"
+                reason = f"cannot write output: {describe_error(err).removeprefix('cannot write: ')}"
                 for lost in err.jobs if isinstance(err, LostWrites) else ():
                     self.summary.done -= 1
                     self.fail(lost, reason, retracted=True)  # type: ignore[arg-type]

@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
+from vaetool.errors import printable
+
 if TYPE_CHECKING:
     from vaetool.api import Vae
     from vaetool.jobs.common import ModelSpec, RunOptions
@@ -232,9 +234,10 @@ class Reporter:
     def event(self, event: Event) -> None:
         """Advance the bar and report a failure (or, with --verbose, every file)."""
         if event.kind == "failed":
-            self.print(f"failed: {event.job.source}: {event.reason}")
+            self.print(f"failed: {printable(event.job.source)}: {event.reason}")
         elif self.verbose:
-            self.print(f"{event.kind}: {event.job.source}" + (f" -> {event.result}" if event.result is not None else ""))
+            result = f" -> {printable(str(event.result))}" if event.result is not None else ""
+            self.print(f"{event.kind}: {printable(event.job.source)}{result}")
         if not event.retracted:  # a retracted job was counted when it was reported done
             self.progress.advance(self.task)
 
@@ -259,4 +262,4 @@ def print_summary(headline: str, noun: str, summary: Summary, extra: dict[str, A
     if summary.failed:
         say(f"{len(summary.failed)} {noun}(s) failed:")
         for failure in summary.failed:
-            say(f"  {failure.source}: {failure.reason}")
+            say(f"  {printable(failure.source)}: {failure.reason}")

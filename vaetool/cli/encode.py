@@ -123,8 +123,8 @@ def command(
         shard_prefix="shard" if world == 1 else f"rank{rank}", shard_index="index.json" if world == 1 else rank_index_name(rank),
     )
     mine = collect_inputs(inputs or [], recursive=recursive, files_from=files_from)[rank::world]
+    prepare_output(output)  # a folder that cannot be written fails before the model loads
     vae = load(spec)
-    prepare_output(output)
     manifest_path = manifest or output / "manifest.jsonl"
     part = rank_manifest_path(manifest_path, rank) if world > 1 else manifest_path
     label = "encoding" if world == 1 else f"rank {rank}/{world}"

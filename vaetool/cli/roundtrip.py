@@ -109,7 +109,7 @@ def command(
     """Round-trip images through the VAE and report (or check) the quality."""
     from vaetool import report, report_html
     from vaetool.io.inputs import collect_inputs
-    from vaetool.jobs import RoundtripSettings, attention_scope, build_report, roundtrip_files
+    from vaetool.jobs import RoundtripSettings, attention_scope, build_report, prepare_output, roundtrip_files
 
     if not inputs and files_from is None:
         raise UsageError("give image files, folders or globs (or --files-from LIST)")
@@ -125,6 +125,8 @@ def command(
     spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, random_weights, subfolder)
     run_options(tile, tile_size, max_memory, batch_size)  # check the compute options before any work
     files = collect_inputs(inputs or [], recursive=recursive, files_from=files_from)
+    for folder in (output, *(p.parent for p in (report_path, junit, html) if p is not None)):
+        prepare_output(folder)  # a folder that cannot be written fails before the model loads
     vae = load(spec)
     with Reporter(len(files), quiet=quiet, verbose=verbose, label="round trip") as reporter:
         run = run_options(tile, tile_size, max_memory, batch_size, fail_fast=fail_fast, reporter=reporter)

@@ -124,8 +124,7 @@ def _check_claim(im: Image.Image, path: Path, max_pixels: int) -> None:
         how = f"{compression} data" if compression is not None else "its data"
         raise InputError(f"the image claims {w} x {h} pixels, more than its {size} bytes can hold ({how} expands "
                          f"at most {ratio}x): truncated, or a decompression bomb", path)
-    frames = getattr(im, "n_frames", 1)
-    if im.format in ANIMATED_FORMATS and frames > 1:
+    if im.format in ANIMATED_FORMATS and (frames := getattr(im, "n_frames", 1)) > 1:  # from the header (acTL, ANIM)
         raise InputError(f"animated {im.format} ({frames} frames): only its first frame would be encoded; "
                          "use `vaetool video encode` for animations", path)
 

@@ -43,8 +43,11 @@ class ManifestWriter:
         """Append one record as a single JSON line and flush it."""
         line = _line(record)
         with self._lock:
-            self._file.write(line)
-            self._file.flush()
+            try:
+                self._file.write(line)
+                self._file.flush()
+            except OSError as err:  # a full disk: the run cannot record what it does
+                raise OutputError(f"cannot write the manifest: {err.strerror or err}", self.path) from None
 
     def record(
         self,
@@ -63,7 +66,10 @@ class ManifestWriter:
     def close(self) -> None:
         """Close the file."""
         with self._lock:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as err:  # the last buffered line could not be written either
+                raise OutputError(f"cannot write the manifest: {err.strerror or err}", self.path) from None
 
     def __enter__(self) -> ManifestWriter:
         return self

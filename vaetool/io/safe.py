@@ -8,7 +8,9 @@ see (CheckpointError or InputError), so every failure is one line naming the fil
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pickle
 import re
 import warnings
@@ -137,7 +139,12 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
         ptr = tensor.untyped_storage().data_ptr()
         own[key] = tensor.clone() if ptr in storages else tensor
         storages.add(ptr)
-    blob = safetensors.torch.save(own, metadata=metadata)
+    try:
+        blob = safetensors.torch.save(own, metadata=metadata)
+    except safetensors.SafetensorError as err:  # not an OSError: callers would not see a failed write
+        if "No space left" in str(err):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+        raise OSError(errno.EIO, f"safetensors could not write it: {first_line(err)}") from None
     n = int.from_bytes(blob[:8], "little")
     header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     header += b" " * (-len(header) % 8)

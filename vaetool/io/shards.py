@@ -189,10 +189,10 @@ class ShardWriter:
                   "items": json.dumps({k: m for k, (_, m) in self._pending.items()}, sort_keys=True, allow_nan=False)}
         try:
             atomic_write(self.out_dir / name, lambda tmp: write_safetensors(tmp, tensors, header))
-        except OSError as err:
+        except (OSError, OutputError) as err:  # atomic_write names the file in an OutputError
             count = len(self._pending)
             self._pending.clear()
-            reason = (err.strerror or str(err)).lower()
+            reason = err.problem.removeprefix("cannot write: ") if isinstance(err, OutputError) else (err.strerror or str(err)).lower()
             raise ShardWriteError(f"shard {name} not written ({reason}); a resumed run redoes its {count} items",
                                   self.out_dir / name) from err
         self._next += 1

@@ -19,7 +19,7 @@ import torch
 from vaetool.errors import InputError, OutputError, VaeToolError
 from vaetool.families import LatentFormat, get_family
 from vaetool.io.latent_item import LatentItem
-from vaetool.jobs.common import RunOptions, engine_options, png_text
+from vaetool.jobs.common import RunOptions, engine_options, png_text, prepare_output
 from vaetool.pipeline import Job, Loaded, Stages, Summary, run_pipeline
 from vaetool.precision import Fp32Fallback
 
@@ -166,7 +166,8 @@ def decode_stages(vae: Vae, settings: DecodeSettings, run: RunOptions, fallback:
         try:
             save_png(output, image, bits=settings.bits, text=info["text"], overwrite=settings.overwrite)
         except VaeToolError as err:
-            raise OutputError(str(err)) from None  # the reason keeps the output's path
+            problem = err.problem.removeprefix("cannot write: ")
+            raise OutputError(f"{err.path}: {problem}" if err.path else problem) from None  # the reason keeps the output's path
         return output
 
     return Stages(
@@ -182,6 +183,7 @@ def decode_files(vae: Vae, files: Sequence[InputFile], settings: DecodeSettings,
     from vaetool.io.atomic import remove_stale_temps
 
     run = run or RunOptions()
+    prepare_output(settings.out_dir)  # before any latent is decoded
     remove_stale_temps(settings.out_dir)  # temp files of killed runs
     fallback = Fp32Fallback(vae, run.on_notice)
     stages = decode_stages(vae, settings, run, fallback)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vaetool.jobs.common import RunOptions, engine_options
+from vaetool.jobs.common import RunOptions, engine_options, prepare_output
 from vaetool.pipeline import Event, Job, Loaded, LostWrites, Stages, Summary, run_pipeline
 from vaetool.precision import Fp32Fallback
 
@@ -191,6 +191,7 @@ def encode_files(
     from vaetool.io.atomic import remove_stale_temps
 
     run = run or RunOptions()
+    prepare_output(settings.out_dir)  # before any image is encoded
     remove_stale_temps(settings.out_dir)  # temp files of killed runs
     sink = latent_sink(settings, run_metadata(vae, settings), manifest)
     fallback = Fp32Fallback(vae, run.on_notice)

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vaetool.errors import printable
 from vaetool.golden import NO_THRESHOLDS, GoldenResult, Status, Thresholds
-from vaetool.jobs.common import RunOptions, engine_options, model_text, png_text
+from vaetool.jobs.common import RunOptions, engine_options, model_text, png_text, prepare_output
 from vaetool.jobs.encode import EncodeSettings, image_loader, latents_of
 from vaetool.metrics import ImageMetrics
 from vaetool.pipeline import Event, Job, Loaded, Stages, Summary, run_pipeline
@@ -79,21 +80,21 @@ class ImageResult:
         return self.status in ("passed", "updated", "unchanged", "ok")
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready form (paths as strings, infinite PSNR as null)."""
+        """JSON-ready form (paths as printable strings, infinite PSNR as null)."""
         g = self.golden
         return {
-            "image": self.key,
-            "source": str(self.source),
-            "output": None if self.output is None else str(self.output),
+            "image": printable(self.key),
+            "source": printable(self.source),
+            "output": None if self.output is None else printable(self.output),
             "height": None if self.size is None else self.size[0],
             "width": None if self.size is None else self.size[1],
             "status": self.status,
             "vs_input": None if self.vs_input is None else self.vs_input.as_dict(),
             "vs_golden": None if g is None or g.metrics is None else g.metrics.as_dict(),
-            "golden": None if g is None else str(g.golden),
+            "golden": None if g is None else printable(g.golden),
             "reasons": self.reasons,
             "limits_broken": self.limits,
-            "heatmap": None if self.heatmap is None else str(self.heatmap),
+            "heatmap": None if self.heatmap is None else printable(self.heatmap),
             "error": self.error,
         }
 
@@ -101,7 +102,8 @@ class ImageResult:
         """The JUnit test case of this image."""
         details = {k: v for k, v in self.as_dict().items() if k not in ("image", "reasons", "limits_broken", "error")}
         failed = self.status in ("failed", "missing")
-        return Case(self.key, failures=tuple(self.reasons) if failed else (), error=self.error, output=json.dumps(details, indent=2))
+        failures = tuple(self.reasons) if failed else ()
+        return Case(printable(self.key), failures=failures, error=self.error, output=json.dumps(details, indent=2))
 
 
 def _reference_loader(vae: Vae, settings: RoundtripSettings) -> Callable[[Job], Loaded]:
@@ -169,6 +171,7 @@ def roundtrip_files(
     from vaetool.io.inputs import output_path
 
     run = run or RunOptions()
+    prepare_output(settings.out_dir)  # before any image is round-tripped
     done: dict[str, ImageResult] = {}
 
     def on_event(event: Event) -> None:
@@ -188,7 +191,7 @@ def roundtrip_files(
         if job.key in done:
             results.append(done[job.key])
         elif job.key in failed:
-            results.append(ImageResult(job.key, job.source, error=f"{job.source}: {failed[job.key]}"))
+            results.append(ImageResult(job.key, job.source, error=f"{printable(job.source)}: {failed[job.key]}"))
     return results, summary
 
 

@@ -57,7 +57,8 @@ class Clip(NamedTuple):
 
 
 def check_outputs(action: VideoAction, outputs: list[Path], overwrite: bool) -> None:
-    """Validate the outputs before any work: kinds for the action, no existing files, extras present."""
+    """Validate the outputs before any work: kinds for the action, no existing files, extras present, folders writable."""
+    from vaetool.jobs.common import prepare_output
     from vaetool.video.writers import check_output
 
     if not outputs:
@@ -67,9 +68,11 @@ def check_outputs(action: VideoAction, outputs: list[Path], overwrite: bool) -> 
             raise OutputError(f"video encode writes one {LATENT_SUFFIX} file (-o clip{LATENT_SUFFIX})", outputs[0])
         if outputs[0].exists() and not overwrite:
             raise OutputExistsError("already exists (use --overwrite to replace it)", outputs[0])
+        prepare_output(outputs[0].parent)
         return
     for out in outputs:
         check_output(out, overwrite=overwrite)
+        prepare_output(out.parent)  # a frames folder is filled beside it, then renamed
 
 
 def read_clip(vae: Vae, path: Path, fps: float | None, warn: Callable[[str], None]) -> Clip:

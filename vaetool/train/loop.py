@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import errno
 import json
 import math
 import time
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 import yaml
@@ -23,6 +23,7 @@ from vaetool.config import instantiate_from_config
 from vaetool.errors import CheckpointError, ConfigError
 from vaetool.io.atomic import atomic_write, remove_stale_temps
 from vaetool.io.images import to_uint8
+from vaetool.io.safe import write_safetensors
 from vaetool.metrics import psnr
 from vaetool.nn.autoencoder import AutoencodingEngine
 from vaetool.nn.checkpoint import set_gradient_checkpointing
@@ -110,12 +111,19 @@ def export_weights(model: AutoencodingEngine, path: Path, metadata: dict[str, st
     """Save the EMA weights (the model's own keys, no EMA buffers) as .safetensors, atomically."""
     with model.ema_scope():
         sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if not k.startswith("model_ema.")}
-    atomic_write(path, lambda p: safetensors.torch.save_file(sd, str(p), metadata=metadata), overwrite=True)
+    atomic_write(path, lambda p: write_safetensors(p, sd, metadata), overwrite=True)
 
 
 def _save_state(model: AutoencodingEngine, opt: torch.optim.Optimizer, step: int, path: Path) -> None:
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
-    atomic_write(path, lambda p: torch.save(state, p), overwrite=True)
+
+    def write(p: Path) -> None:
+        try:
+            torch.save(state, p)
+        except RuntimeError as err:  # torch's zip writer reports a full disk as a RuntimeError
+            raise OSError(errno.EIO, f"torch.save failed: {' '.join(str(err).split())[:160]}") from None
+
+    atomic_write(path, write, overwrite=True)
 
 
 def _load_state(model: AutoencodingEngine, opt: torch.optim.Optimizer, path: Path) -> int:
