@@ -225,7 +225,7 @@ def decode_stages(vae: Vae, settings: DecodeSettings, run: RunOptions, fallback:
             reason = check_output(output, info["provenance"], png_provenance)
             if reason is None:
                 raise AlreadyWritten("written by another run") from None
-            raise OutputError(f"written meanwhile by another run with other settings ({reason})", output) from None
+            raise OutputError(f"{output} was written meanwhile by another run with other settings ({reason})") from None
         except VaeToolError as err:
             raise OutputError(str(err)) from None  # the reason keeps the output's path
         return output

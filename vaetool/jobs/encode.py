@@ -147,7 +147,7 @@ def written_meanwhile(output: Path, provenance: dict[str, Any]) -> NoReturn:
     reason = check_output(output, provenance, latent_provenance)
     if reason is None:
         raise AlreadyWritten("written by another run")
-    raise OutputError(f"written meanwhile by another run with other settings ({reason})", output)
+    raise OutputError(f"{output} was written meanwhile by another run with other settings ({reason})")
 
 
 def _file_sink(settings: EncodeSettings, base: dict[str, Any], record: Callable[..., None], skip: set[str]) -> Sink:
