@@ -127,17 +127,18 @@ def test_output_is_cropped_to_the_recorded_size_and_carries_its_provenance(runne
     assert read_ihdr(tmp_path / "deep" / "img.png")[2] == 16
 
 
-def test_existing_outputs_are_skipped_unless_overwrite(runner, tmp_path: Path) -> None:
+def test_existing_outputs_are_skipped_when_they_are_this_runs_unless_overwrite(runner, tmp_path: Path) -> None:
     lat, out = tmp_path / "lat", tmp_path / "out"
     save_latent(lat / "a.safetensors", _z(40), {"scaled": False})
     save_latent(lat / "b.safetensors", _z(41), {"scaled": False})
     assert _decode(runner, str(lat), "-o", str(out), *MODEL).exit_code == 0
-    (out / "a.png").write_bytes(b"stale")
     (out / "b.png").unlink()
+    summary = json.loads(_decode(runner, str(lat), "-o", str(out), "--json", *MODEL).stdout)
+    assert (summary["done"], summary["skipped"]) == (1, 1) and (out / "b.png").exists()
+    (out / "a.png").write_bytes(b"stale")  # not a PNG vaetool wrote: never skipped, never silently kept
     result = _decode(runner, str(lat), "-o", str(out), "--json", *MODEL)
-    summary = json.loads(result.stdout)
-    assert (summary["done"], summary["skipped"]) == (1, 1)
-    assert (out / "a.png").read_bytes() == b"stale" and (out / "b.png").exists()
+    assert result.exit_code == 2 and f"{out / 'a.png'}: cannot read its provenance" in result.stderr
+    assert (out / "a.png").read_bytes() == b"stale"
     assert _decode(runner, str(lat), "-o", str(out), "--overwrite", *MODEL).exit_code == 0
     assert (out / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

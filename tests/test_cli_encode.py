@@ -22,7 +22,7 @@ from vaetool.cli import app
 from vaetool.errors import MemoryBudgetError
 from vaetool.io.images import load_image, pad_to_multiple
 from vaetool.io.latents import load_latents
-from vaetool.io.manifest import read_manifest
+from vaetool.io.manifest import read_manifest, run_headers
 from vaetool.io.shards import load_shard_dir, read_index
 from vaetool.pipeline import EngineOptions, Job, Loaded, Stages, run_pipeline
 from vaetool.precision import Fp32Fallback, fp32_copy
@@ -439,6 +439,8 @@ def test_torchrun_two_ranks_make_the_same_files(runner, tree: Path, tmp_path: Pa
     merged = read_manifest(ranks / "manifest.jsonl")
     assert sorted(r["key"] for r in merged) == ["a.png", "b.png", "sub/c.png", "sub/deep/d.jpg"]
     assert not list(ranks.glob("manifest.rank*.jsonl"))  # parts merged away
+    [header] = run_headers(ranks / "manifest.jsonl")  # the ranks' parts are one run
+    assert header["settings"]["world_size"] == 2 and {r["run_id"] for r in merged} == {header["run_id"]}
 
     sharded = tmp_path / "sharded"  # shards: each rank writes its own, rank 0 merges the indexes
     torchrun(sharded, "--shard-size", "2")

@@ -190,6 +190,7 @@ def test_manifest_lines_and_torn_tail(tmp_path: Path) -> None:
     with ManifestWriter(path) as m:
         m.record("a.png", tmp_path / "a.safetensors", "written", size=10)
         m.record("b.png", None, "failed", error="b.png: truncated")
+    first_run = m.run_id
     with path.open("a") as f:
         f.write('{"source": "c.png", "stat')  # killed mid-line
     assert [r["source"] for r in read_manifest(path)] == ["a.png", "b.png"]
@@ -197,7 +198,9 @@ def test_manifest_lines_and_torn_tail(tmp_path: Path) -> None:
         m.record("c.png", "c.safetensors", "written", size=3, seconds=0.5)
     records = read_manifest(path)
     assert [r["source"] for r in records] == ["a.png", "b.png", "c.png"]
-    assert records[1] == {"source": "b.png", "output": None, "size": None, "status": "failed", "error": "b.png: truncated"}
+    assert records[1] == {"type": "item", "run_id": first_run, "source": "b.png", "output": None, "size": None, "status": "failed",
+                          "error": "b.png: truncated"}
+    assert records[2]["run_id"] != first_run  # each writer is a run of its own
     assert records[2]["seconds"] == 0.5
     with ManifestWriter(path, append=False) as m:
         m.write({"source": "only"})

@@ -10,7 +10,6 @@ shape before loading into a model. No model is built here.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -306,12 +305,10 @@ class LoadedCheckpoint:
 
     @cached_property
     def sha256(self) -> str:
-        """Hex sha256 of the file, read in 1 MiB chunks on first use."""
-        digest = hashlib.sha256()
-        with self.path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        return digest.hexdigest()
+        """Hex sha256 of the file on first use (cached across runs by path, size and mtime: vaetool.hashing)."""
+        from vaetool.hashing import file_sha256
+
+        return file_sha256(self.path)
 
 
 def _set_norm_groups(config: dict[str, Any], value: str | None) -> None:

@@ -47,6 +47,10 @@ class OutputExistsError(OutputError, FileExistsError):
     """An output that already exists and may not be overwritten."""
 
 
+class StaleOutputError(UsageError):
+    """Existing outputs that another run wrote with other settings (exit code 2: rerun with --overwrite)."""
+
+
 class MemoryBudgetError(VaeToolError):
     """A memory budget too small for even the smallest tile of the operation."""
 

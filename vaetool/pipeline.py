@@ -36,6 +36,14 @@ class LostWrites(OutputError):
         self.jobs = tuple(jobs)
 
 
+class AlreadyWritten(Exception):
+    """Raised by a write stage whose output another process wrote meanwhile, with this run's settings: "skipped"."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class Job:
     """One unit of work: a stable key (the input's relative path), its source and its output."""
@@ -68,6 +76,8 @@ class Failure:
 @dataclass(frozen=True)
 class Event:
     """Progress of one job: kind is "done", "skipped" or "failed"; `result` is what the writer returned.
+
+    `reason`: why it failed, or for a skip found at write time why (e.g. "written by another run").
 
     `retracted`: a "failed" event for a job already reported "done" (its output was lost later).
     """
@@ -216,6 +226,10 @@ class _Run(Generic[J]):
             job, fut = self.writes.popleft()
             try:
                 result = fut.result()
+            except AlreadyWritten as skip:  # another run wrote the same output meanwhile
+                self.summary.skipped += 1
+                self.emit(Event("skipped", job, skip.reason))
+                continue
             except ITEM_ERRORS as err:
                 reason = f"cannot write output: {describe_error(err).removeprefix('cannot write: ')}"
                 for lost in err.jobs if isinstance(err, LostWrites) else ():

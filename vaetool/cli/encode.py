@@ -133,7 +133,7 @@ def command(
         with attention_scope(spec.attention):
             summary = encode_files(vae, mine, settings, run, manifest=records)
     finish_ranks(manifest_path, rank, world, output if shard_size is not None else None)
-    extra = {"inputs": len(mine), "output": str(output), "manifest": str(part), "rank": rank, "world_size": world,
+    extra = {"run_id": records.run_id, "inputs": len(mine), "output": str(output), "manifest": str(part), "rank": rank, "world_size": world,
              "family": vae.latent_format.family, "dtype": str(vae.dtype).removeprefix("torch.")}
     headline = (f"encoded {summary.done}, skipped {summary.skipped} (already there), failed {len(summary.failed)} "
                 f"of {len(mine)} images")

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from vaetool.cli import common, decode, encode, info, roundtrip, train, video
-from vaetool.errors import CheckpointError, ConfigError, UsageError, VaeToolError
+from vaetool.errors import CheckpointError, ConfigError, StaleOutputError, UsageError, VaeToolError
 
 app = typer.Typer(
     name="vaetool",
@@ -24,6 +24,7 @@ USAGE = 2  # exit code of a usage error: a bad option, config, model name or che
 FAILED = 1  # exit code of a failed input or output
 # exception type -> (exit code, one-line message); the first match wins
 ERROR_MESSAGES: list[tuple[type[BaseException], int, Callable[[Any], str]]] = [
+    (StaleOutputError, USAGE, str),  # outputs of other settings: named with the field that differs, before any work
     (UsageError, USAGE, str),
     (ConfigError, USAGE, str),
     (CheckpointError, USAGE, str),

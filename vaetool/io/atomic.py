@@ -22,7 +22,7 @@ from pathlib import Path
 
 from vaetool.errors import OutputError, OutputExistsError
 
-__all__ = ["TEMP_PATTERN", "atomic_write", "is_temp_name", "remove_stale_temps", "temp_path"]
+__all__ = ["TEMP_PATTERN", "atomic_write", "is_temp_name", "pid_alive", "remove_stale_temps", "temp_path"]
 
 HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]  # temps of other machines on shared storage
 TEMP_PATTERN = re.compile(r"^\..+\.vaetool-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]+\.tmp$")
@@ -126,7 +126,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, overwrite: 
     _fsync_dir(path.parent)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine with this pid exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -154,7 +155,7 @@ def remove_stale_temps(directory: str | Path, *, recursive: bool = True, max_age
             continue
         try:
             if m["host"] == HOST_TAG:
-                stale = int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"]))
+                stale = int(m["pid"]) != os.getpid() and not pid_alive(int(m["pid"]))
             else:
                 stale = now - candidate.stat().st_mtime > max_age_s
             if stale:

@@ -1,5 +1,9 @@
 """JSONL manifests of what a run wrote: one record per line, flushed as it is written.
 
+Each run appends a header {"type": "run", "run_id", "started", "settings", "vaetool_version"} and then
+one record per input {"type": "item", "run_id", "source", "output", "status", ...}; a manifest holds
+every run into a folder, so `read_manifest` returns the latest record of each input (what is on disk
+now) and `read_records` every line. Under torchrun the ranks' parts become one run (rank 0's id).
 A killed run leaves whole lines and at most one torn last line; reading skips lines that are not
 complete JSON objects, and appending first ends a torn line so new records stay whole. Under
 torchrun each rank writes `manifest.rank{r}.jsonl` next to the manifest; merge_manifests joins
@@ -11,6 +15,8 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
+import uuid
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -18,16 +24,26 @@ from typing import Any
 from vaetool.errors import OutputError
 from vaetool.io.atomic import atomic_write
 
-__all__ = ["ManifestWriter", "merge_manifests", "rank_manifest_path", "rank_manifest_paths", "read_manifest"]
+__all__ = ["ManifestWriter", "latest_per_input", "merge_manifests", "new_run_id", "rank_manifest_path", "rank_manifest_paths",
+           "read_manifest", "read_records", "run_headers"]
 
 STATUSES = ("written", "skipped", "failed")  # the usual values of "status"
 
 
-class ManifestWriter:
-    """Append JSON records to a .jsonl file, one flushed line each (safe to call from several threads)."""
+def new_run_id() -> str:
+    """A fresh run id (uuid4 hex)."""
+    return uuid.uuid4().hex
 
-    def __init__(self, path: str | Path, *, append: bool = True) -> None:
+
+class ManifestWriter:
+    """Append JSON records to a .jsonl file, one flushed line each (safe to call from several threads).
+
+    Every record carries `run_id` (a new one unless given); `start_run` writes the run's header.
+    """
+
+    def __init__(self, path: str | Path, *, append: bool = True, run_id: str | None = None) -> None:
         self.path = Path(path)
+        self.run_id = run_id or new_run_id()
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,6 +65,14 @@ class ManifestWriter:
             except OSError as err:  # a full disk: the run cannot record what it does
                 raise OutputError(f"cannot write the manifest: {err.strerror or err}", self.path) from None
 
+    def start_run(self, settings: dict[str, Any]) -> None:
+        """Append this run's header: {"type": "run", "run_id", "started" (UTC, ISO 8601), "settings", "vaetool_version"}."""
+        from vaetool import __version__
+
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.write({"type": "run", "run_id": self.run_id, "started": started, "settings": settings,
+                    "vaetool_version": __version__})
+
     def record(
         self,
         source: str | Path,
@@ -59,9 +83,9 @@ class ManifestWriter:
         error: str | None = None,
         **extra: Any,
     ) -> None:
-        """Append {source, output, size, status, error, ...}; paths are stored as strings."""
-        self.write({"source": str(source), "output": None if output is None else str(output), "size": size,
-                    "status": status, "error": error, **extra})
+        """Append {type: item, run_id, source, output, size, status, error, ...}; paths are stored as strings."""
+        self.write({"type": "item", "run_id": self.run_id, "source": str(source), "output": None if output is None else str(output),
+                    "size": size, "status": status, "error": error, **extra})
 
     def close(self) -> None:
         """Close the file."""
@@ -93,8 +117,8 @@ def _ends_with_newline(path: Path) -> bool:
         return f.read(1) == b"\n"
 
 
-def read_manifest(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a .jsonl manifest, skipping torn or non-object lines ([] when the file is missing)."""
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Every record of a .jsonl manifest (run headers too), skipping torn or non-object lines ([] when missing)."""
     path = Path(path)
     if not path.exists():
         return []
@@ -108,6 +132,30 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
             if isinstance(record, dict):
                 records.append(record)
     return records
+
+
+def is_header(record: dict[str, Any]) -> bool:
+    """Whether a record is a run header."""
+    return record.get("type") == "run"
+
+
+def run_headers(path: str | Path) -> list[dict[str, Any]]:
+    """The run headers of a manifest, oldest first."""
+    return [r for r in read_records(path) if is_header(r)]
+
+
+def latest_per_input(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last item record of each input (by "source"), in the order those records were written."""
+    latest: dict[str, int] = {}
+    for i, record in enumerate(records):
+        if not is_header(record) and "source" in record:
+            latest[str(record["source"])] = i
+    return [records[i] for i in sorted(latest.values())]
+
+
+def read_manifest(path: str | Path) -> list[dict[str, Any]]:
+    """The latest record of each input in a manifest (what its last run did to it); headers and older records left out."""
+    return latest_per_input(read_records(path))
 
 
 def rank_manifest_path(path: str | Path, rank: int) -> Path:
@@ -125,19 +173,28 @@ def rank_manifest_paths(path: str | Path) -> list[Path]:
 
 
 def merge_manifests(path: str | Path, *, remove_parts: bool = True) -> list[dict[str, Any]]:
-    """Join the rank part files (and any records already in `path`) into `path`, sorted by source.
+    """Append the rank part files of this run to `path` as one run, atomically; returns every record of `path`.
 
-    Records are ordered by (source, output, then the record's own text), so the result is the
-    same whatever the number of ranks. Returns the merged records in that order.
+    What `path` holds (earlier runs) stays first, so the latest record of an input is still the last.
+    The parts' headers become one (rank 0's run id, with the world size) and their records take that
+    id, ordered by (source, output, then the record's own text): the same whatever the number of ranks.
     """
     path = Path(path)
     parts = rank_manifest_paths(path)
-    records = read_manifest(path) + [r for part in parts for r in read_manifest(part)]
-    lines = sorted((str(r.get("source", "")), str(r.get("output", "")), _line(r)) for r in records)
-    data = "".join(line for _, _, line in lines).encode()
+    earlier = read_records(path)
+    records = [r for part in parts for r in read_records(part)]
+    headers = [r for r in records if is_header(r)]
+    run_id = headers[0].get("run_id") if headers else None
+    merged: list[dict[str, Any]] = []
+    if headers:
+        settings = dict(headers[0].get("settings") or {}) | {"world_size": len(parts)}
+        settings.pop("rank", None)
+        merged.append(headers[0] | {"settings": settings})
+    items = [r | ({"run_id": run_id} if run_id else {}) for r in records if not is_header(r)]
+    merged += sorted(items, key=lambda r: (str(r.get("source", "")), str(r.get("output", "")), _line(r)))
+    data = "".join(_line(r) for r in earlier + merged).encode()
     atomic_write(path, lambda tmp: tmp.write_bytes(data), overwrite=True)
-    records = [json.loads(line) for _, _, line in lines]
     if remove_parts:
         for part in parts:
             part.unlink(missing_ok=True)
-    return records
+    return read_records(path)

@@ -5,13 +5,17 @@ safetensors metadata, "format": "vaetool.shard" and "items": JSON {key: item met
 written atomically, so a shard on disk is always complete; `{index}` (index.json by default) maps
 each key to its shard and shape and is rewritten atomically after every shard. Reopening a folder
 resumes: the keys of every complete shard of this prefix are reported by done_keys(), including
-a shard whose index update was lost to a kill.
+a shard whose index update was lost to a kill. The run's provenance (vaetool.jobs.provenance) is
+recorded in the index and in every shard. One writer at a time per index: a ShardWriter holds the
+lock file `.{index}.lock` (created with O_EXCL) while it is open, and a second process writing the
+same shards into the same folder stops with an error naming it (torchrun ranks have their own index).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from pathlib import Path
 from types import TracebackType
@@ -20,13 +24,13 @@ from typing import Any
 import torch
 
 from vaetool.errors import InputError, OutputError, OutputExistsError
-from vaetool.io.atomic import atomic_write
+from vaetool.io.atomic import HOST_TAG, atomic_write, pid_alive
 from vaetool.io.latent_item import FORMAT_VERSION, SHARD_FORMAT, LatentItem, validate_latent
 from vaetool.io.safe import read_safetensors, safetensors_header, write_safetensors
 
 __all__ = [
     "INDEX_FORMAT", "ShardWriteError", "ShardWriter", "load_shard", "load_shard_dir", "merge_shard_indexes", "rank_index_name",
-    "read_index", "shard_keys",
+    "read_index", "shard_files", "shard_keys",
 ]
 
 INDEX_FORMAT = "vaetool.shard_index"
@@ -97,13 +101,17 @@ def merge_shard_indexes(directory: str | Path, index_name: str = "index.json") -
     for part in parts:
         for key, entry in read_index(part)["items"].items():
             merged["items"].setdefault(key, entry)
+    for part in parts:  # the ranks of one run record the same provenance
+        if "provenance" not in merged and "provenance" in (recorded := read_index(part)):
+            merged["provenance"] = recorded["provenance"]
     merged.update(format=INDEX_FORMAT, format_version=FORMAT_VERSION)
     data = (json.dumps(merged, indent=1, sort_keys=True) + "\n").encode()
     atomic_write(target, lambda tmp: tmp.write_bytes(data), overwrite=True)
     return merged
 
 
-def _shard_files(directory: Path, prefix: str | None = None) -> list[Path]:
+def shard_files(directory: Path, prefix: str | None = None) -> list[Path]:
+    """The shard files of `prefix` (any prefix when None) in a folder, in name order."""
     pattern = re.compile(rf"^{re.escape(prefix) if prefix else '.+'}-\d{{5,}}\.safetensors$")
     return sorted(p for p in directory.glob("*.safetensors") if pattern.match(p.name))
 
@@ -113,7 +121,7 @@ def load_shard_dir(directory: str | Path) -> list[LatentItem]:
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError("no such folder", directory)
-    shards = [p for p in _shard_files(directory) if safetensors_header(p, InputError)[1].get("format") == SHARD_FORMAT]
+    shards = [p for p in shard_files(directory) if safetensors_header(p, InputError)[1].get("format") == SHARD_FORMAT]
     if not shards:
         raise InputError("no vaetool shard files in this folder", directory)
     return [item for shard in shards for item in load_shard(shard)]
@@ -123,7 +131,9 @@ class ShardWriter:
     """Collect latents and write them `shard_size` per file; a context manager (closing flushes).
 
     `overwrite` deletes this prefix's existing shards (and their index entries) when opened.
-    Processes sharing a folder (torchrun ranks) need their own `prefix` and `index_name`.
+    Processes sharing a folder (torchrun ranks) need their own `prefix` and `index_name`; a second
+    writer of the same index is an OutputError naming its lock file. `provenance` is recorded in the
+    index and in every shard's metadata.
     """
 
     def __init__(
@@ -134,6 +144,7 @@ class ShardWriter:
         prefix: str = "shard",
         index_name: str = "index.json",
         overwrite: bool = False,
+        provenance: dict[str, Any] | None = None,
     ) -> None:
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, not {shard_size}")
@@ -144,10 +155,19 @@ class ShardWriter:
         self.prefix = prefix
         self.index_path = self.out_dir / index_name
         self.overwrite = overwrite
+        self.provenance = provenance
         self._pending: dict[str, tuple[torch.Tensor, dict[str, Any]]] = {}
+        self._lock: Path | None = _take_lock(self.out_dir / f".{index_name}.lock")
+        try:
+            self._open(prefix, overwrite)
+        except BaseException:
+            self._release()
+            raise
+
+    def _open(self, prefix: str, overwrite: bool) -> None:
         self._index = read_index(self.index_path)
         self._index.setdefault("items", {})
-        existing = _shard_files(self.out_dir, prefix) if self.out_dir.is_dir() else []
+        existing = shard_files(self.out_dir, prefix) if self.out_dir.is_dir() else []
         if overwrite:
             self._index["items"] = {k: v for k, v in self._index["items"].items() if not _ours(v["shard"], prefix)}
             for shard in existing:
@@ -187,6 +207,8 @@ class ShardWriter:
         tensors = {k: t for k, (t, _) in self._pending.items()}
         header = {"format": SHARD_FORMAT, "format_version": FORMAT_VERSION,
                   "items": json.dumps({k: m for k, (_, m) in self._pending.items()}, sort_keys=True, allow_nan=False)}
+        if self.provenance is not None:
+            header["provenance"] = json.dumps(self.provenance, sort_keys=True)
         try:
             atomic_write(self.out_dir / name, lambda tmp: write_safetensors(tmp, tensors, header))
         except (OSError, OutputError) as err:  # atomic_write names the file in an OutputError
@@ -203,12 +225,22 @@ class ShardWriter:
 
     def _write_index(self) -> None:
         self._index.update(format=INDEX_FORMAT, format_version=FORMAT_VERSION)
+        if self.provenance is not None:
+            self._index["provenance"] = self.provenance
         data = (json.dumps(self._index, indent=1, sort_keys=True) + "\n").encode()
         atomic_write(self.index_path, lambda tmp: tmp.write_bytes(data), overwrite=True)
 
     def close(self) -> None:
-        """Write what is still queued."""
-        self.flush()
+        """Write what is still queued, then let go of the folder's lock."""
+        try:
+            self.flush()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.unlink(missing_ok=True)
+            self._lock = None
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -220,6 +252,38 @@ class ShardWriter:
         # the queued items are complete: keep them even when the run fails (the run's own error propagates)
         with contextlib.suppress(Exception):
             self.close()
+        self._release()
+
+
+def _lock_holder(lock: Path) -> tuple[str, int] | None:
+    """(host tag, pid) written in a lock file (None: unreadable, e.g. being written)."""
+    try:
+        host, pid = lock.read_text().split()
+        return host, int(pid)
+    except (OSError, ValueError):
+        return None
+
+
+def _take_lock(lock: Path) -> Path:
+    """Create `lock` with O_EXCL (taking over one left by a dead process of this machine); OutputError when it is held."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None and holder[0] == HOST_TAG and not pid_alive(holder[1]):
+                lock.unlink(missing_ok=True)  # its process was killed: the lock is stale
+                continue
+            who = f"pid {holder[1]} on this machine" if holder and holder[0] == HOST_TAG else "another machine or process"
+            raise OutputError(f"another vaetool run ({who}) is writing shards into this folder; wait for it, or give this "
+                              "run another --output folder (delete this lock file if no run is writing)", lock) from None
+        except OSError as err:
+            raise OutputError(f"cannot create the shard lock file: {err.strerror or err}", lock) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{HOST_TAG} {os.getpid()}\n")
+        return lock
+    raise OutputError("cannot take the shard lock file (it keeps reappearing)", lock)
 
 
 def _ours(shard: str, prefix: str) -> bool:

@@ -4,11 +4,14 @@ Inputs are vaetool .safetensors (single or sharded), ComfyUI .latent, sd-scripts
 weights-only .pt files; a batch inside one file becomes name_0.png, name_1.png, ... Each latent is
 turned to raw form with the scale/shift its file records (else `scaled` with the model's family),
 decoded in batches of equal size (tiled when asked or needed), cropped to the recorded original
-size, and written as a PNG with its provenance in text chunks, atomically.
+size, and written as a PNG with its provenance in text chunks, atomically. A rerun skips a PNG only
+when its recorded provenance (model, dtype, tiling, bits, the source latent's sha256 and form) is
+this run's; other existing PNGs stop the run before any work (vaetool.jobs.provenance).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -16,16 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vaetool.errors import InputError, OutputError, VaeToolError
+from vaetool.errors import InputError, OutputError, OutputExistsError, VaeToolError
 from vaetool.families import LatentFormat, get_family
 from vaetool.io.latent_item import LatentItem
 from vaetool.jobs.common import RunOptions, engine_options, png_text, prepare_output
-from vaetool.pipeline import Job, Loaded, Stages, Summary, run_pipeline
+from vaetool.jobs.provenance import PNG_KEY, SourceHashes, StaleOutputs, check_output, model_provenance, png_provenance
+from vaetool.pipeline import AlreadyWritten, Job, Loaded, Stages, Summary, run_pipeline
 from vaetool.precision import Fp32Fallback
 
 if TYPE_CHECKING:
     from vaetool.api import Vae
     from vaetool.io.inputs import InputFile
+    from vaetool.tiling import Tiling
 
 __all__ = ["DecodeJob", "DecodeSettings", "decode_files", "jobs_from_files", "original_size", "to_raw"]
 
@@ -80,11 +85,15 @@ def recorded_format(meta: dict[str, Any], fallback: LatentFormat, path: Path) ->
     return fallback
 
 
+def latent_form(item: LatentItem, scaled_flag: bool | None) -> str:
+    """The form an item is read in: what its file says, else `scaled_flag` (None: raw)."""
+    said = file_says_scaled(item.metadata)
+    return "scaled" if (said if said is not None else bool(scaled_flag)) else "raw"
+
+
 def to_raw(item: LatentItem, vae: Vae, scaled_flag: bool | None) -> tuple[torch.Tensor, str]:
     """The item's latent [C, h, w] in raw form and the form its file was in ("raw" or "scaled")."""
-    said = file_says_scaled(item.metadata)
-    scaled = said if said is not None else bool(scaled_flag)
-    if not scaled:
+    if latent_form(item, scaled_flag) == "raw":
         return item.latent, "raw"
     fmt = recorded_format(item.metadata, vae.latent_format, item.source)
     return fmt.to_raw(item.latent[None])[0], "scaled"  # [C, h, w] (formats convert batches [B, C, h, w])
@@ -131,14 +140,60 @@ def jobs_from_files(files: Sequence[InputFile], out_dir: Path) -> Iterator[Decod
             yield DecodeJob(key, f.path, output, item=item)
 
 
-def decode_stages(vae: Vae, settings: DecodeSettings, run: RunOptions, fallback: Fp32Fallback) -> Stages[DecodeJob]:
-    """load: check and unscale one latent; compute: decode a batch; write: crop and save one PNG."""
+def decode_provenance(vae: Vae, settings: DecodeSettings, tiling: Tiling) -> dict[str, Any]:
+    """What every PNG of a run records (each adds its source latent's sha256 and form): model fields and bits."""
+    return model_provenance(vae, tiling) | {"bits": settings.bits}
+
+
+def item_provenance(base: dict[str, Any], item: LatentItem, settings: DecodeSettings, hashes: SourceHashes) -> dict[str, Any]:
+    """The provenance of one item's PNG: the run's, its source file's sha256 and the form it is read in."""
+    return base | {"source_sha256": hashes(item.source), "latent_form": latent_form(item, settings.scaled)}
+
+
+def existing_pngs(files: Sequence[InputFile], settings: DecodeSettings, base: dict[str, Any], hashes: SourceHashes) -> set[Path]:
+    """The outputs already there with this run's provenance; StaleOutputError when others are there.
+
+    Only files whose output folder holds PNGs are read (a second read on a resume; none on a fresh run).
+    """
+    from vaetool.io.latents import load_latents
+
+    stale, ours, folders = StaleOutputs(), set(), {}
+    for f in files:
+        folder = settings.out_dir / f.rel.parent
+        if folder not in folders:
+            folders[folder] = folder.is_dir() and any(folder.glob(f"*{SUFFIX}"))
+        if not folders[folder]:
+            continue
+        try:
+            items = load_latents(f.path)
+        except VaeToolError:
+            continue  # the run reports it
+        for item in items:
+            try:
+                output = item_output(settings.out_dir, f.rel, item)
+            except InputError:
+                continue
+            if not output.exists():
+                continue
+            reason = check_output(output, item_provenance(base, item, settings, hashes), png_provenance)
+            if reason is None:
+                ours.add(output)
+            else:
+                stale.add(output, reason)
+    stale.raise_if_any(settings.out_dir)
+    return ours
+
+
+def decode_stages(vae: Vae, settings: DecodeSettings, run: RunOptions, fallback: Fp32Fallback, skip: set[Path],
+                  hashes: SourceHashes) -> Stages[DecodeJob]:
+    """load: check and unscale one latent; compute: decode a batch; write: crop and save one PNG (skip: this run's PNGs)."""
     from vaetool.io.images import crop_to, save_png
     from vaetool.io.latents import check_channels
 
     channels = vae.latent_format.channels
     model_name = f"the model ({vae.latent_format.family})"
     ignored: set[str] = set()
+    base = decode_provenance(vae, settings, run.tiling)
     notice: Callable[[str], None] = run.on_notice or (lambda message: None)
 
     def load(job: DecodeJob) -> Loaded:
@@ -151,9 +206,10 @@ def decode_stages(vae: Vae, settings: DecodeSettings, run: RunOptions, fallback:
             ignored.add(form)
             notice(f"{job.source}: the file says its latents are {form}; --{'scaled' if settings.scaled else 'raw'} "
                    "is ignored for files that record their form")
+        provenance = item_provenance(base, job.item, settings, hashes)
         text = png_text(vae, f"{job.source}" + ("" if job.item.name == job.source.stem else f" [{job.item.name}]"),
-                        **{"vaetool.latent_form": form})
-        return Loaded(raw, {"size": original_size(job.item.metadata), "text": text})
+                        **{"vaetool.latent_form": form, PNG_KEY: json.dumps(provenance, sort_keys=True)})
+        return Loaded(raw, {"size": original_size(job.item.metadata), "text": text, "provenance": provenance})
 
     def compute(z: torch.Tensor, jobs: Sequence[DecodeJob]) -> torch.Tensor:
         return fallback(lambda v: v.decode(z, tiling=run.tiling, clamp=False).float())  # [B, 3, H, W]
@@ -165,6 +221,11 @@ def decode_stages(vae: Vae, settings: DecodeSettings, run: RunOptions, fallback:
         output = Path(str(job.output))  # jobs without an output failed in load
         try:
             save_png(output, image, bits=settings.bits, text=info["text"], overwrite=settings.overwrite)
+        except OutputExistsError:  # another process wrote it since the check
+            reason = check_output(output, info["provenance"], png_provenance)
+            if reason is None:
+                raise AlreadyWritten("written by another run") from None
+            raise OutputError(f"{output} was written meanwhile by another run with other settings ({reason})") from None
         except VaeToolError as err:
             problem = err.problem.removeprefix("cannot write: ")
             raise OutputError(f"{err.path}: {problem}" if err.path else problem) from None  # the reason keeps the output's path
@@ -174,19 +235,25 @@ def decode_stages(vae: Vae, settings: DecodeSettings, run: RunOptions, fallback:
         load=load,
         compute=compute,
         write=write,
-        skip=lambda job: not settings.overwrite and job.output is not None and job.output.exists(),
+        skip=lambda job: job.output in skip,
     )
 
 
 def decode_files(vae: Vae, files: Sequence[InputFile], settings: DecodeSettings, run: RunOptions | None = None) -> Summary:
-    """Decode every latent of `files` (InputFiles) to PNGs under settings.out_dir; bad ones fail alone."""
+    """Decode every latent of `files` (InputFiles) to PNGs under settings.out_dir; bad ones fail alone.
+
+    Existing PNGs of other settings or another source latent stop the run before any work (StaleOutputError)
+    unless settings.overwrite.
+    """
     from vaetool.io.atomic import remove_stale_temps
 
     run = run or RunOptions()
     prepare_output(settings.out_dir)  # before any latent is decoded
+    hashes = SourceHashes()
+    skip = set() if settings.overwrite else existing_pngs(files, settings, decode_provenance(vae, settings, run.tiling), hashes)
     remove_stale_temps(settings.out_dir)  # temp files of killed runs
     fallback = Fp32Fallback(vae, run.on_notice)
-    stages = decode_stages(vae, settings, run, fallback)
+    stages = decode_stages(vae, settings, run, fallback, skip, hashes)
     summary = run_pipeline(jobs_from_files(files, settings.out_dir), stages, engine_options(vae, "decode", run))
     summary.fp32_retries = fallback.retries
     return summary

@@ -1,8 +1,9 @@
 """Encode image files to latent files: batched by size, resumable, rank-sharded under torchrun.
 
 One `.safetensors` per image mirroring the input tree under the output folder (or shards with an
-index when `shard_size` is set), a JSONL manifest, atomic writes (existing outputs are skipped, so
-a killed run resumes), bad files reported and skipped. Under torchrun each rank encodes
+index when `shard_size` is set), a JSONL manifest, atomic writes (existing outputs with this run's
+provenance are skipped, so a killed run resumes; outputs of other settings stop the run before any
+work, vaetool.jobs.provenance), bad files reported and skipped. Under torchrun each rank encodes
 inputs[rank::world] and writes manifest.rank{r}.jsonl; rank 0 merges the parts (`finish_ranks`).
 """
 
@@ -13,21 +14,24 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
+from vaetool.errors import OutputError, OutputExistsError
 from vaetool.jobs.common import RunOptions, engine_options, prepare_output
-from vaetool.pipeline import Event, Job, Loaded, LostWrites, Stages, Summary, run_pipeline
+from vaetool.jobs.provenance import StaleOutputs, check_output, latent_provenance, mismatch, model_provenance
+from vaetool.pipeline import AlreadyWritten, Event, Job, Loaded, LostWrites, Stages, Summary, run_pipeline
 from vaetool.precision import Fp32Fallback
 
 if TYPE_CHECKING:
     from vaetool.api import Vae
     from vaetool.io.inputs import InputFile
     from vaetool.io.manifest import ManifestWriter
+    from vaetool.tiling import Tiling
 
-__all__ = ["LATENT_SUFFIX", "EncodeSettings", "encode_files", "finish_ranks", "image_loader", "image_seed", "rank_and_world",
-           "run_metadata"]
+__all__ = ["LATENT_SUFFIX", "EncodeSettings", "encode_files", "encode_provenance", "finish_ranks", "image_loader", "image_seed",
+           "rank_and_world", "run_metadata"]
 
 LATENT_SUFFIX = ".safetensors"
 
@@ -80,6 +84,15 @@ def run_metadata(vae: Vae, settings: EncodeSettings) -> dict[str, Any]:
     return meta
 
 
+def encode_provenance(vae: Vae, settings: EncodeSettings, tiling: Tiling) -> dict[str, Any]:
+    """What an existing latent must record to be skipped: model fields, latent form, posterior and seed."""
+    return model_provenance(vae, tiling) | {
+        "latent_format": "scaled" if settings.scaled else "raw",
+        "posterior": "sample" if settings.sample else "mode",
+        "seed": settings.seed if settings.sample else None,
+    }
+
+
 def latents_of(vae: Vae, images: torch.Tensor, keys: Sequence[str], settings: EncodeSettings, run: RunOptions) -> torch.Tensor:
     """Images [B, 3, H, W] -> float32 latents [B, C, h, w]: the posterior mode, or a sample seeded per image key."""
     mean, logvar = vae.moments(images, tiling=run.tiling)  # [B, C, h, w] each
@@ -106,32 +119,74 @@ def image_loader(settings: EncodeSettings, multiple: int, pin: bool = False) -> 
 
 @dataclass(frozen=True)
 class Sink:
-    """Where latents go: `write` (writer thread), `exists` (skip on resume), `close` (write what is queued)."""
+    """Where latents go: `write` (writer thread), `exists` (skip on resume: this run's own), `close` (write what is queued)."""
 
     write: Callable[[Job, torch.Tensor, dict[str, Any]], Any]
     exists: Callable[[Job], bool]
     close: Callable[[], None]
 
 
-def _file_sink(settings: EncodeSettings, base: dict[str, Any], record: Callable[..., None]) -> Sink:
+def existing_outputs(jobs: Sequence[Job], provenance: dict[str, Any], out_dir: Path) -> set[str]:
+    """Keys of the jobs whose output exists with this provenance; StaleOutputError when others exist (headers only)."""
+    stale, ours = StaleOutputs(), set()
+    for job in jobs:
+        output = Path(str(job.output))
+        if not output.exists():
+            continue
+        reason = check_output(output, provenance, latent_provenance)
+        if reason is None:
+            ours.add(job.key)
+        else:
+            stale.add(output, reason)
+    stale.raise_if_any(out_dir)
+    return ours
+
+
+def written_meanwhile(output: Path, provenance: dict[str, Any]) -> NoReturn:
+    """An output another process published while this one computed it: AlreadyWritten (skipped) when it is this run's."""
+    reason = check_output(output, provenance, latent_provenance)
+    if reason is None:
+        raise AlreadyWritten("written by another run")
+    raise OutputError(f"{output} was written meanwhile by another run with other settings ({reason})")
+
+
+def _file_sink(settings: EncodeSettings, base: dict[str, Any], record: Callable[..., None], skip: set[str]) -> Sink:
     """One .safetensors per image."""
     from vaetool.io.latents import save_latent
 
     def write(job: Job, latent: torch.Tensor, info: dict[str, Any]) -> Path:
         output = Path(str(job.output))
-        save_latent(output, latent, base | info | {"source": str(job.source), "key": job.key}, overwrite=settings.overwrite)
+        try:
+            save_latent(output, latent, base | info | {"source": str(job.source), "key": job.key}, overwrite=settings.overwrite)
+        except OutputExistsError:  # another process wrote it since the check (two encodes into one folder)
+            written_meanwhile(output, base["provenance"])
         record(job, output, output.stat().st_size, info)
         return output
 
-    return Sink(write, lambda job: not settings.overwrite and Path(str(job.output)).exists(), lambda: None)
+    return Sink(write, lambda job: job.key in skip, lambda: None)
 
 
-def _shard_sink(settings: EncodeSettings, base: dict[str, Any], record: Callable[..., None]) -> Sink:
+def check_shards(settings: EncodeSettings, provenance: dict[str, Any]) -> None:
+    """StaleOutputError when the shard index or a shard of this prefix records other settings (headers only)."""
+    from vaetool.io.shards import read_index, shard_files
+
+    stale = StaleOutputs()
+    index_path = settings.out_dir / settings.shard_index
+    index = read_index(index_path)
+    if index["items"] and (reason := mismatch(index.get("provenance"), provenance)) is not None:
+        stale.add(index_path, reason)
+    for shard in shard_files(settings.out_dir, settings.shard_prefix) if settings.out_dir.is_dir() else []:
+        if (reason := check_output(shard, provenance, latent_provenance)) is not None:
+            stale.add(shard, reason)
+    stale.raise_if_any(settings.out_dir)
+
+
+def _shard_sink(settings: EncodeSettings, base: dict[str, Any], record: Callable[..., None], skip: set[str]) -> Sink:
     """`shard_size` latents per shard file, with an index; items count as written once their shard is on disk."""
     from vaetool.io.shards import ShardWriteError, ShardWriter, read_index
 
     shards = ShardWriter(settings.out_dir, int(settings.shard_size or 1), prefix=settings.shard_prefix,
-                         index_name=settings.shard_index, overwrite=settings.overwrite)
+                         index_name=settings.shard_index, overwrite=settings.overwrite, provenance=base["provenance"])
     done = shards.done_keys()
     queued: list[tuple[Job, dict[str, Any]]] = []
 
@@ -159,15 +214,18 @@ def _shard_sink(settings: EncodeSettings, base: dict[str, Any], record: Callable
     return Sink(write, lambda job: job.key in done, close)
 
 
-def latent_sink(settings: EncodeSettings, base: dict[str, Any], manifest: ManifestWriter | None) -> Sink:
-    """One .safetensors per image, or shards with an index (shard_size); each write is recorded in the manifest."""
+def latent_sink(settings: EncodeSettings, base: dict[str, Any], manifest: ManifestWriter | None, skip: set[str]) -> Sink:
+    """One .safetensors per image, or shards with an index (shard_size); each write is recorded in the manifest.
+
+    `skip`: keys of file outputs already there with this run's provenance (shards find theirs in the index).
+    """
 
     def record(job: Job, output: Path, size: int | None, info: dict[str, Any]) -> None:
         if manifest is not None:
             manifest.record(job.source, output, "written", size=size, key=job.key, image_size=info["original_size"])
 
     make = _file_sink if settings.shard_size is None else _shard_sink
-    return make(settings, base, record)
+    return make(settings, base, record, skip)
 
 
 def image_jobs(inputs: Sequence[InputFile], settings: EncodeSettings) -> list[Job]:
@@ -187,13 +245,26 @@ def encode_files(
     *,
     manifest: ManifestWriter | None = None,
 ) -> Summary:
-    """Encode image files to latent files (skipping existing outputs); bad files fail alone. Returns the Summary."""
+    """Encode image files to latent files (skipping this run's existing outputs); bad files fail alone. Returns the Summary.
+
+    Existing outputs of other settings stop the run before any work (StaleOutputError) unless settings.overwrite.
+    """
     from vaetool.io.atomic import remove_stale_temps
 
     run = run or RunOptions()
     prepare_output(settings.out_dir)  # before any image is encoded
+    provenance = encode_provenance(vae, settings, run.tiling)
+    jobs = image_jobs(inputs, settings)
+    skip: set[str] = set()
+    if not settings.overwrite:
+        if settings.shard_size is None:
+            skip = existing_outputs(jobs, provenance, settings.out_dir)
+        else:
+            check_shards(settings, provenance)
     remove_stale_temps(settings.out_dir)  # temp files of killed runs
-    sink = latent_sink(settings, run_metadata(vae, settings), manifest)
+    sink = latent_sink(settings, run_metadata(vae, settings) | {"provenance": provenance}, manifest, skip)
+    if manifest is not None:
+        manifest.start_run(run_settings(settings, provenance, len(jobs)))
     fallback = Fp32Fallback(vae, run.on_notice)
 
     def compute(images: torch.Tensor, jobs: Sequence[Job]) -> torch.Tensor:
@@ -202,9 +273,11 @@ def encode_files(
 
     def on_event(event: Event) -> None:
         if manifest is not None and event.kind != "done":
-            status = "failed" if event.kind == "failed" else "skipped"
-            output = event.job.output if status == "skipped" else None
-            manifest.record(event.job.source, output, status, error=event.reason, key=event.job.key)
+            if event.kind == "failed":
+                manifest.record(event.job.source, None, "failed", error=event.reason, key=event.job.key)
+            else:
+                manifest.record(event.job.source, event.job.output, "skipped", key=event.job.key,
+                                reason=event.reason or "already there with this run's settings")
         if run.on_event is not None:
             run.on_event(event)
 
@@ -216,11 +289,19 @@ def encode_files(
     )
     engine = replace(engine_options(vae, "encode", run), on_event=on_event)
     try:
-        summary = run_pipeline(image_jobs(inputs, settings), stages, engine)
+        summary = run_pipeline(jobs, stages, engine)
     finally:
         sink.close()
     summary.fp32_retries = fallback.retries
     return summary
+
+
+def run_settings(settings: EncodeSettings, provenance: dict[str, Any], inputs: int) -> dict[str, Any]:
+    """The settings of a run, for its manifest header: the provenance, where it writes, and how."""
+    rank, world = rank_and_world()
+    return {"command": "encode", **provenance, "inputs": inputs, "output": str(settings.out_dir), "shard_size": settings.shard_size,
+            "overwrite": settings.overwrite, "alpha": settings.alpha, "background": list(settings.background), "rank": rank,
+            "world_size": world}
 
 
 def rank_and_world() -> tuple[int, int]:
