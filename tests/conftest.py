@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 
 import pytest
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 
 os.environ["COLUMNS"] = "160"  # pin Rich's console width for stable CLI output
 os.environ.setdefault("TERM", "dumb")
+os.environ["VAETOOL_CACHE_DIR"] = tempfile.mkdtemp(prefix="vaetool-test-cache-")  # the weights-hash cache, not ~/.cache
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -25,7 +25,7 @@ import vaetool.jobs.common
 from vaetool.cli import app
 from vaetool.io.atomic import is_temp_name
 from vaetool.io.latents import load_latents, save_latent
-from vaetool.io.manifest import read_manifest
+from vaetool.io.manifest import is_header, read_manifest, read_records
 
 MODEL = ["--model", "tiny-f8", "--quiet"]
 BAD = os.fsdecode(b"b\xff")  # a name holding the byte 0xff (not UTF-8): "b\udcff" in Python
@@ -59,7 +59,7 @@ def test_image_name_not_utf8_fails_alone_and_every_rerun_is_the_same(runner, tmp
                                                 "(vaetool records file names as text)"], result.stderr
         assert "\\udcff" not in result.stderr and "internal error" not in result.stderr
         assert _files(out) == ["a.safetensors", "c.safetensors", "manifest.jsonl"], run
-    records = read_manifest(out / "manifest.jsonl")
+    records = [r for r in read_records(out / "manifest.jsonl") if not is_header(r)]  # every run's records
     assert [r["status"] for r in records if r["source"].endswith(f"{BAD}.png")] == ["failed"] * 3
     assert sorted(Path(r["source"]).name for r in records if r["status"] == "written") == ["a.png", "c.png"]
     assert _files(tmp_path) == sorted([f"in/{SHOWN}.png", "in/a.png", "in/c.png"] + [f"out/{f}" for f in _files(out)])

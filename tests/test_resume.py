@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(autouse=True)
 def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("VAETOOL_CACHE_DIR", raising=False)  # conftest's; these tests check the XDG location
 
 
 def _rgb(path: Path, w: int, h: int, seed: int) -> Path:

@@ -24,7 +24,9 @@ CHUNK = 1 << 20
 
 
 def cache_path() -> Path:
-    """The hash cache file: $XDG_CACHE_HOME/vaetool/sha256.json (XDG default: ~/.cache)."""
+    """The hash cache file: $VAETOOL_CACHE_DIR/sha256.json, else $XDG_CACHE_HOME/vaetool/sha256.json (XDG default: ~/.cache)."""
+    if folder := os.environ.get("VAETOOL_CACHE_DIR"):
+        return Path(folder) / CACHE_NAME
     root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(root) / "vaetool" / CACHE_NAME
 
