@@ -63,9 +63,19 @@ def run_command(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _version(value: bool) -> None:
+    """Typer callback of --version: print `vaetool X.Y.Z` and stop."""
+    if value:
+        from vaetool import __version__
+
+        typer.echo(f"vaetool {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", callback=_version, is_eager=True),
 ) -> None:
     """vaetool: encode, decode, roundtrip and inspect VAE models and latents."""
     common.state["debug"] = debug

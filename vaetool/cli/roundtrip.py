@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
@@ -42,10 +42,7 @@ from vaetool.cli.common import (
     say,
 )  # fmt: skip
 from vaetool.errors import UsageError
-from vaetool.golden import NO_THRESHOLDS, Thresholds
-
-if TYPE_CHECKING:
-    pass
+from vaetool.thresholds import NO_THRESHOLDS, Thresholds
 
 NAME = "roundtrip"
 HELP = "Encode and decode images in memory: PSNR/SSIM/max diff per image, and golden-image regression runs for CI."
