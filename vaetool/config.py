@@ -160,7 +160,7 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int], active: set[int]) -> 
 
 def parse_yaml(text: str) -> Any:
     """YAML text -> Python values with the safe loader, refusing alias bombs and recursive aliases (ValueError)."""
-    loader = yaml.SafeLoader(text)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)  # libyaml when present: 10x faster
     try:
         node = loader.get_single_node()
         if node is None:
