@@ -41,7 +41,7 @@ from vaetool.cli.common import (
     run_options,
     say,
 )  # fmt: skip
-from vaetool.errors import UsageError
+from vaetool.errors import InputError, UsageError
 from vaetool.thresholds import NO_THRESHOLDS, Thresholds
 
 NAME = "roundtrip"
@@ -105,6 +105,7 @@ def command(
 ) -> None:
     """Round-trip images through the VAE and report (or check) the quality."""
     from vaetool import report, report_html
+    from vaetool.io.images import IMAGE_SUFFIXES
     from vaetool.io.inputs import collect_inputs
     from vaetool.jobs import RoundtripSettings, attention_scope, build_report, roundtrip_files
 
@@ -122,6 +123,8 @@ def command(
     spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, random_weights, subfolder)
     run_options(tile, tile_size, max_memory, batch_size)  # check the compute options before any work
     files = collect_inputs(inputs or [], recursive=recursive, files_from=files_from)
+    if not files:
+        raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) found", " ".join(inputs or [files_from or ""]))
     vae = load(spec)
     with Reporter(len(files), quiet=quiet, verbose=verbose, label="round trip") as reporter:
         run = run_options(tile, tile_size, max_memory, batch_size, fail_fast=fail_fast, reporter=reporter)

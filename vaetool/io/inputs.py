@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
 from typing import TextIO
 
-from vaetool.errors import InputError
+from vaetool.errors import InputError, UsageError
 from vaetool.io.images import IMAGE_SUFFIXES
 
 __all__ = ["InputFile", "collect_inputs", "output_path", "read_list"]
@@ -139,16 +139,25 @@ def _from_arg(arg: str, recursive: bool, suffixes: Sequence[str], *, from_list: 
     """One argument (or, with from_list, one --files-from entry: never a glob) -> its InputFiles."""
     path = Path(arg)
     if path.is_dir():
-        return list(_from_dir(path, recursive, suffixes))
+        found = list(_from_dir(path, recursive, suffixes))
+        if not found and not recursive and (deeper := next(_from_dir(path, True, suffixes), None)) is not None:
+            raise UsageError(f"no {_kinds(suffixes)} files directly in this folder, but some in its subfolders "
+                             f"({deeper.rel.as_posix()}, ...): add -r/--recursive to take them", arg)
+        return found
     if path.is_file():  # named explicitly: taken whatever its suffix
         keep_tree = from_list and not path.is_absolute() and ".." not in path.parts
         return [InputFile(path, PurePath(path) if keep_tree else PurePath(path.name))]
     if not from_list and GLOB_CHARS & set(arg):
         found = list(_from_glob(arg, suffixes))
         if not found:
-            raise InputError(f"no {'/'.join(s.lstrip('.') for s in suffixes)} files match this pattern", arg)
+            raise InputError(f"no {_kinds(suffixes)} files match this pattern", arg)
         return found
     raise InputError("no such file or directory", arg)
+
+
+def _kinds(suffixes: Sequence[str]) -> str:
+    """'png/jpg/...' for a message."""
+    return "/".join(s.lstrip(".") for s in suffixes)
 
 
 def read_list(lines: Iterable[str]) -> list[str]:
