@@ -186,8 +186,10 @@ def test_existing_output_and_bad_outputs(runner, tmp_path: Path) -> None:
     result = _invoke(runner, "roundtrip", gif, "-o", tmp_path / "out", *MODEL, "--overwrite")
     assert result.exit_code == 0, result.stderr
     assert len(list((tmp_path / "out").iterdir())) == 3
-    _fails(_invoke(runner, "encode", gif, "-o", tmp_path / "x.gif", *MODEL), "writes one .safetensors file")
-    _fails(_invoke(runner, "decode", gif, "-o", tmp_path / "y.png", *MODEL), "y.png", "a folder (PNG frames)")
+    # outputs of the wrong kind are usage errors (issue 12.5)
+    _fails(_invoke(runner, "encode", gif, "-o", tmp_path / "x.gif", *MODEL), "writes one .safetensors file", code=2)
+    _fails(_invoke(runner, "roundtrip", gif, "-o", tmp_path / "y.png", *MODEL), "y.png", "a folder (PNG frames)", code=2)
+    _fails(_invoke(runner, "decode", gif, "-o", tmp_path / "w", *MODEL), "in.gif", "video decode reads latents", code=2)
     _fails(_invoke(runner, "roundtrip", gif, "-o", tmp_path / "z", *MODEL, "--chunk-frames", 4, "--overlap", 3),
            "--overlap 3", "half of chunk_frames", code=2)  # a usage error
     assert not (tmp_path / "z").exists()

@@ -173,3 +173,10 @@ def test_bad_yaml_files_name_the_file(tmp_path: Path) -> None:
         load_yaml(scalar)
     with pytest.raises(ConfigError, match="no 'target'"):
         extract_vae_config({"model": {"params": {}}}, "x.yaml")
+
+
+def test_config_checks_name_the_attention_blocks_that_nn_builds() -> None:
+    from vaetool.config_checks import ATTN_TYPE_NAMES
+    from vaetool.nn.blocks import ATTN_TYPES
+
+    assert sorted(ATTN_TYPE_NAMES) == sorted(ATTN_TYPES)

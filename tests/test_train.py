@@ -116,7 +116,7 @@ def test_decoder_only_leaves_the_encoder_bit_identical(runner: CliRunner, tmp_pa
     torch.manual_seed(1)
     safetensors.torch.save_file(instantiate_from_config(TINY_MODEL).state_dict(), str(base))
     missing = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "x"), "--decoder-only"])
-    assert missing.exit_code == 1 and "--init" in missing.stderr
+    assert missing.exit_code == 2 and "--init" in missing.stderr  # a usage error (issue 12.5)
     result = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "ft"), "--decoder-only", "--init", str(base), "--quiet"])
     assert result.exit_code == 0, result.output
     before, after = safetensors.torch.load_file(str(base)), safetensors.torch.load_file(str(tmp_path / "ft" / "model.safetensors"))

@@ -25,6 +25,7 @@ from vaetool.archs import convert, find_architecture
 from vaetool.errors import CheckpointError
 from vaetool.families import LatentFormat, guess_families
 from vaetool.io.safe import load_weights_only, looks_like_safetensors, read_safetensors, safetensors_header
+from vaetool.io.sniff import sniff
 from vaetool.keymaps import detect_layout, to_original
 
 __all__ = [
@@ -68,11 +69,14 @@ def read_state_dict(path: str | Path, skip: Callable[[str], bool] | None = None)
     try:
         if path.stat().st_size == 0:
             raise CheckpointError("empty file (0 bytes)", path)
+        if (kind := sniff(path)) is not None:  # a PNG, a YAML, a zip of something else: named, not unpickled
+            hint = "; pass a YAML config with --config" if path.suffix.lower() in (".yaml", ".yml") else ""
+            raise CheckpointError(f"not a checkpoint file ({kind}){hint}", path)
         suffix = path.suffix.lower()
         if suffix in SAFETENSORS_SUFFIXES or looks_like_safetensors(path):  # renamed files too
             obj: Any = read_safetensors(path, CheckpointError, skip=skip)
         else:
-            obj = load_weights_only(path, CheckpointError, "checkpoint")
+            obj = load_weights_only(path, CheckpointError, "checkpoint file")
     except OSError as err:
         raise CheckpointError(f"cannot read: {err.strerror or err}", path) from None
     if not isinstance(obj, dict):

@@ -10,6 +10,7 @@ config is checked key by key (config_checks) before it is built.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +161,7 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int], active: set[int]) -> 
 
 def parse_yaml(text: str) -> Any:
     """YAML text -> Python values with the safe loader, refusing alias bombs and recursive aliases (ValueError)."""
-    loader = yaml.SafeLoader(text)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)  # libyaml when present: 10x faster
     try:
         node = loader.get_single_node()
         if node is None:
@@ -224,7 +225,10 @@ def find_config_file(name_or_path: str | Path) -> Path:
         candidate = directory / f"{name_or_path}.yaml"
         if candidate.exists():
             return candidate
-    raise ConfigError(f"no shipped config named {str(name_or_path)!r}; shipped: {', '.join(shipped_configs())}")
+    names = shipped_configs()
+    close = difflib.get_close_matches(str(name_or_path), names, n=3, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    raise ConfigError(f"no shipped config named {str(name_or_path)!r}{hint}; shipped: {', '.join(names)}")
 
 
 def shipped_configs() -> list[str]:

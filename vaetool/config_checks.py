@@ -15,9 +15,11 @@ from typing import Any
 
 from vaetool.errors import ConfigError
 from vaetool.limits import MAX_MODEL_PARAMS
-from vaetool.nn.blocks import ATTN_TYPES
 
-__all__ = ["check_vae", "target_class"]
+__all__ = ["ATTN_TYPE_NAMES", "check_vae", "target_class"]
+
+# the attn_type names vaetool.nn.blocks.ATTN_TYPES builds (named here so checking a config needs no torch)
+ATTN_TYPE_NAMES = ("vanilla", "vanilla-xformers", "memory-efficient-cross-attn", "linear", "none")
 
 Rule = tuple[str, Callable[[Any], bool]]
 _SHORT = reprlib.Repr()
@@ -49,7 +51,7 @@ CODER_RULES: dict[str, Rule] = {
                 lambda v: isinstance(v, list | tuple) and 0 < len(v) <= 16 and all(_int(m) and m > 0 for m in v)),
     "attn_resolutions": ("a list of integers", lambda v: isinstance(v, list | tuple) and all(_int(r) for r in v)),
     "dropout": ("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1),
-    "attn_type": (f"one of {', '.join(ATTN_TYPES)}", lambda v: isinstance(v, str) and v in ATTN_TYPES),
+    "attn_type": (f"one of {', '.join(ATTN_TYPE_NAMES)}", lambda v: isinstance(v, str) and v in ATTN_TYPE_NAMES),
     "double_z": FLAG,
     "use_linear_attn": FLAG,
     "resamp_with_conv": FLAG,

@@ -20,9 +20,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a tensor is converted: reading configs stays torch-free
+    import torch
 
 # Wan 2.1 VAE latent statistics (Wan2.1 wan/modules/vae.py; diffusers' AutoencoderKLWan and
 # AutoencoderKLQwenImage defaults `latents_mean` / `latents_std`)
@@ -109,6 +110,8 @@ class LatentFormat:
             return None
         if x.shape[1] != len(self.mean):
             raise ValueError(f"{self.family} latents have {len(self.mean)} channels at this stage, got {x.shape[1]}")
+        import torch
+
         view = (1, -1) + (1,) * (x.ndim - 2)
         mean = torch.tensor(self.mean, dtype=torch.float64, device=x.device) + self.shift
         gain = self.scale / torch.tensor(self.std, dtype=torch.float64, device=x.device)

@@ -39,7 +39,7 @@ from vaetool.cli.common import (
     print_summary,
     run_options,
 )  # fmt: skip
-from vaetool.errors import UsageError
+from vaetool.errors import InputError, UsageError
 
 NAME = "encode"
 HELP = "Encode images to latent files (.safetensors): batched by size, resumable, bad files skipped."
@@ -106,6 +106,7 @@ def command(
     debug: Debug = False,
 ) -> None:
     """Encode images to latent files."""
+    from vaetool.io.images import IMAGE_SUFFIXES
     from vaetool.io.inputs import collect_inputs
     from vaetool.io.manifest import ManifestWriter, rank_manifest_path
     from vaetool.io.shards import rank_index_name
@@ -122,7 +123,10 @@ def command(
         alpha=alpha.value, background=_background(background),
         shard_prefix="shard" if world == 1 else f"rank{rank}", shard_index="index.json" if world == 1 else rank_index_name(rank),
     )
-    mine = collect_inputs(inputs or [], recursive=recursive, files_from=files_from)[rank::world]
+    found = collect_inputs(inputs or [], recursive=recursive, files_from=files_from)
+    if not found:
+        raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) found", " ".join(inputs or [files_from or ""]))
+    mine = found[rank::world]
     prepare_output(output)  # a folder that cannot be written fails before the model loads
     vae = load(spec)
     manifest_path = manifest or output / "manifest.jsonl"

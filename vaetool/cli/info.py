@@ -1,4 +1,4 @@
-"""`vaetool info PATH`: what a checkpoint or config is (layout, family, architecture, parameters, dtype)."""
+"""`vaetool info [PATH]`: what a latent file, checkpoint or config is; with no PATH, the shipped configs (vaetool.describe reads them)."""
 
 from __future__ import annotations
 
@@ -11,26 +11,22 @@ from rich.markup import escape
 from rich.table import Table
 
 from vaetool.cli.common import Debug, SubfolderOpt, console
+from vaetool.errors import CheckpointError, InputError, VaeToolError
 
 NAME = "info"
-HELP = "Describe a VAE checkpoint or config: layout, family, architecture, parameters, dtype."
+HELP = "Describe a latent file, VAE checkpoint or config (family, latent shape, dtype, provenance); no argument: list the shipped configs."
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
 
 
-def describe_config(name_or_path: str) -> dict[str, Any]:
-    """Summary of a shipped or user config (the model is built with random weights to check it)."""
+def built_config(name_or_path: str) -> dict[str, Any]:
+    """--build: the config's model built with random weights (imports torch): its tensors, parameters, dtypes."""
     from vaetool.checkpoints import describe
     from vaetool.config import instantiate_from_config, load_vae_config
 
-    cfg = load_vae_config(name_or_path)
-    model = instantiate_from_config(cfg.model)
-    summary = {"kind": "config", "path": cfg.source, "target": cfg.model["target"]}
-    summary |= describe(model.state_dict())
-    summary.pop("layout", None)
-    summary["latent_format"] = None if cfg.latent_format is None else cfg.latent_format.as_dict()
-    summary["checkpoint"] = None if cfg.checkpoint is None else str(cfg.checkpoint)
-    return summary
+    model = instantiate_from_config(load_vae_config(name_or_path).model)
+    built = describe(model.state_dict())
+    return {"built_" + k: built[k] for k in ("tensors", "parameters", "dtypes")}
 
 
 def describe_checkpoint(path: str | Path, *, ema: bool, family: str | None, subfolder: str | None = None) -> dict[str, Any]:
@@ -75,33 +71,79 @@ def _table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def _configs_table(rows: list[dict[str, Any]], recipes: list[str]) -> Table:
+    title = "shipped configs (use with -m NAME; details: vaetool info NAME); ch: latent channels, down: downscale"
+    table = Table(title=title, title_justify="left")
+    for column, justify in (("name", "left"), ("family", "left"), ("ch", "right"), ("down", "right"), ("weights", "left")):
+        table.add_column(column, justify=justify, no_wrap=column != "weights")  # type: ignore[arg-type]
+    for row in rows:
+        if "error" in row:
+            table.add_row(escape(row["name"]), "", "", "", escape(row["error"]))
+            continue
+        weights = {"shipped": f"shipped ({', '.join(row.get('dtypes', {})) or '?'})",
+                   "random (test model)": "random: test only"}.get(row["weights"], row["weights"])
+        table.add_row(escape(row["name"]), escape(str(row["family"])), str(row["latent_channels"] or "?"),
+                      str(row["downscale"] or "?"), escape(weights))
+    if recipes:
+        table.caption = f"training recipes (vaetool train configs/NAME.yaml), not models: {', '.join(recipes)}"
+        table.caption_justify = "left"
+    return table
+
+
 def command(
-    path: Annotated[str, typer.Argument(help="A checkpoint (.safetensors/.ckpt/.pt/.pth/.bin), a diffusers folder, a Hugging Face "
-                                        "repo id ORG/NAME[@REV], a YAML config, or a shipped config name.")],
+    path: Annotated[str | None, typer.Argument(help="A latent file, a checkpoint (.safetensors/.ckpt/.pt/.pth/.bin), a diffusers "
+                                               "folder, a Hugging Face repo id ORG/NAME[@REV], a YAML config, or a shipped config "
+                                               "name; none: list the shipped configs.", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (for scripts).")] = False,
     ema: Annotated[bool, typer.Option("--ema", help="Describe the EMA weights of a training checkpoint.")] = False,
     family: Annotated[str | None, typer.Option("--family", help="Family of the checkpoint (sd1, sdxl, sd3, flux, ...).")] = None,
+    build: Annotated[bool, typer.Option("--build", help="Config: also build the model with random weights (slow: imports "
+                                        "torch) to check it and count its parameters.")] = False,
     subfolder: SubfolderOpt = None,
     debug: Debug = False,
 ) -> None:
-    """Describe a VAE checkpoint or config."""
+    """Describe a latent file, VAE checkpoint or config; list the shipped configs."""
     from vaetool.config import find_config_file
-    from vaetool.errors import CheckpointError, InputError
+    from vaetool.describe import config_rows, describe_config, describe_latent, is_latent_file
     from vaetool.hub import looks_like_repo_id
 
+    if path is None:
+        rows, recipes = config_rows()
+        if as_json:
+            typer.echo(json.dumps({"configs": rows, "training_recipes": recipes}, indent=2))
+        else:
+            console.print(_configs_table(rows, recipes))
+        return
     candidate = Path(path)
     repo = looks_like_repo_id(path)
     is_config = not repo and (candidate.suffix.lower() in CONFIG_SUFFIXES or (not candidate.exists() and not candidate.suffix))
     if is_config:
         summary = describe_config(str(find_config_file(path)))
+        if build:
+            summary |= built_config(str(find_config_file(path)))
+    elif candidate.is_file() and is_latent_file(candidate):
+        summary = describe_latent(candidate)
     elif candidate.exists() or repo:
         try:
             summary = describe_checkpoint(path if repo else candidate, ema=ema, family=family, subfolder=subfolder)
         except CheckpointError as err:  # the file described is this command's input: a failed input, not a usage error
-            raise InputError(err.problem, err.path) from None
+            if candidate.suffix.lower() in (".pt", ".pth") and candidate.is_file():
+                summary = _latent_or(candidate, err)
+            else:
+                raise InputError(err.problem, err.path) from None
     else:
         raise InputError("no such file", candidate)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
     else:
         console.print(_table(summary))
+
+
+def _latent_or(path: Path, err: CheckpointError) -> dict[str, Any]:
+    """A .pt that is no checkpoint may be a latent file; else the checkpoint error, as a failed input."""
+    from vaetool.describe import describe_latent
+
+    try:
+        return describe_latent(path)
+    except VaeToolError:
+        raise InputError(err.problem, err.path) from None

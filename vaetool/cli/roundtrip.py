@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
@@ -41,11 +41,8 @@ from vaetool.cli.common import (
     run_options,
     say,
 )  # fmt: skip
-from vaetool.errors import UsageError
-from vaetool.golden import NO_THRESHOLDS, Thresholds
-
-if TYPE_CHECKING:
-    pass
+from vaetool.errors import InputError, UsageError
+from vaetool.thresholds import NO_THRESHOLDS, Thresholds
 
 NAME = "roundtrip"
 HELP = "Encode and decode images in memory: PSNR/SSIM/max diff per image, and golden-image regression runs for CI."
@@ -108,6 +105,7 @@ def command(
 ) -> None:
     """Round-trip images through the VAE and report (or check) the quality."""
     from vaetool import report, report_html
+    from vaetool.io.images import IMAGE_SUFFIXES
     from vaetool.io.inputs import collect_inputs
     from vaetool.jobs import RoundtripSettings, attention_scope, build_report, prepare_output, roundtrip_files
 
@@ -125,6 +123,8 @@ def command(
     spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, random_weights, subfolder)
     run_options(tile, tile_size, max_memory, batch_size)  # check the compute options before any work
     files = collect_inputs(inputs or [], recursive=recursive, files_from=files_from)
+    if not files:
+        raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) found", " ".join(inputs or [files_from or ""]))
     for folder in (output, *(p.parent for p in (report_path, junit, html) if p is not None)):
         prepare_output(folder)  # a folder that cannot be written fails before the model loads
     vae = load(spec)

@@ -99,10 +99,12 @@ def command(
 ) -> None:
     """Encode a video to latents, decode latents to a video, or both."""
     from vaetool.jobs import VideoAction, VideoSettings, attention_scope, run_video
-    from vaetool.jobs.video import check_outputs
+    from vaetool.jobs.video import check_chunking, check_input, check_outputs
 
     job = VideoAction(action.value)
+    check_input(job, input_path)
     check_outputs(job, output, overwrite)
+    check_chunking(chunk_frames, overlap)
     spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, random_weights, subfolder)
     tiling = run_options(tile, tile_size, max_memory, batch_size).tiling
     settings = VideoSettings(fps=fps, resize=resize, chunk_frames=chunk_frames, overlap=overlap, scaled=scaled, overwrite=overwrite,

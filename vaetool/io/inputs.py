@@ -3,8 +3,9 @@
 Each InputFile keeps `rel`, its path relative to the folder (or glob base) it was found under, so
 outputs can mirror the input tree under -o; `rel` is never absolute and never holds `..` (a glob
 like `in/*/../../x.png` mirrors only the name), so no output lands outside -o. The result is sorted
-by rel, deduplicated by real path, and refused when two different inputs would be written to the
-same output. Globs follow glob.glob's rules (`*` skips hidden names, `**` spans folders and follows
+by rel, deduplicated by real path; inputs that share a stem (cat.png, cat.jpg) keep their suffix in
+their output names (cat.png.safetensors), and two inputs that would still share an output are
+refused. Globs follow glob.glob's rules (`*` skips hidden names, `**` spans folders and follows
 links to folders) except that `**` enters each folder once, so a symlink loop cannot hang the walk.
 """
 
@@ -14,11 +15,11 @@ import fnmatch
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePath
 from typing import TextIO
 
-from vaetool.errors import InputError
+from vaetool.errors import InputError, UsageError
 from vaetool.io.images import IMAGE_SUFFIXES
 
 __all__ = ["InputFile", "collect_inputs", "output_path", "read_list"]
@@ -32,10 +33,20 @@ class InputFile:
 
     path: Path
     rel: PurePath
+    keep_suffix: bool = False  # its stem is shared with another input (cat.png, cat.jpg): outputs keep the suffix
 
     def __post_init__(self) -> None:
         if self.rel.is_absolute() or ".." in self.rel.parts or not self.rel.parts:
             raise InputError(f"cannot mirror {self.rel} under the output folder (absolute, empty or with ..)", self.path)
+
+    @property
+    def out_stem(self) -> PurePath:
+        """rel without its suffix (cat), or with it when another input shares the stem (cat.png)."""
+        return self.rel if self.keep_suffix else self.rel.with_suffix("")
+
+    def output_rel(self, suffix: str) -> PurePath:
+        """The output's path relative to the output folder: cat.safetensors, or cat.png.safetensors on a stem collision."""
+        return self.out_stem.with_name(self.out_stem.name + suffix)
 
 
 def _visible(rel: PurePath) -> bool:
@@ -128,16 +139,25 @@ def _from_arg(arg: str, recursive: bool, suffixes: Sequence[str], *, from_list: 
     """One argument (or, with from_list, one --files-from entry: never a glob) -> its InputFiles."""
     path = Path(arg)
     if path.is_dir():
-        return list(_from_dir(path, recursive, suffixes))
+        found = list(_from_dir(path, recursive, suffixes))
+        if not found and not recursive and (deeper := next(_from_dir(path, True, suffixes), None)) is not None:
+            raise UsageError(f"no {_kinds(suffixes)} files directly in this folder, but some in its subfolders "
+                             f"({deeper.rel.as_posix()}, ...): add -r/--recursive to take them", arg)
+        return found
     if path.is_file():  # named explicitly: taken whatever its suffix
         keep_tree = from_list and not path.is_absolute() and ".." not in path.parts
         return [InputFile(path, PurePath(path) if keep_tree else PurePath(path.name))]
     if not from_list and GLOB_CHARS & set(arg):
         found = list(_from_glob(arg, suffixes))
         if not found:
-            raise InputError(f"no {'/'.join(s.lstrip('.') for s in suffixes)} files match this pattern", arg)
+            raise InputError(f"no {_kinds(suffixes)} files match this pattern", arg)
         return found
     raise InputError("no such file or directory", arg)
+
+
+def _kinds(suffixes: Sequence[str]) -> str:
+    """'png/jpg/...' for a message."""
+    return "/".join(s.lstrip(".") for s in suffixes)
 
 
 def read_list(lines: Iterable[str]) -> list[str]:
@@ -182,25 +202,35 @@ def collect_inputs(
     for item in sorted(found, key=lambda f: (f.rel.as_posix(), str(f.path))):
         unique.setdefault(os.path.realpath(item.path), item)
     result = sorted(unique.values(), key=lambda f: (f.rel.as_posix(), str(f.path)))
-    _check_collisions(result)
-    return result
+    return _check_collisions(_keep_shared_suffixes(result))
 
 
-def _check_collisions(items: Sequence[InputFile]) -> None:
-    """Two inputs whose outputs would be the same file (a/x.png and b/x.png, or x.png and x.jpg)."""
+def _keep_shared_suffixes(items: Sequence[InputFile]) -> list[InputFile]:
+    """Inputs whose stems collide (cat.png, cat.jpg) keep their suffix in their output names (cat.png.safetensors,
+    cat.jpg.safetensors), whatever their order; the others keep plain names (dog.safetensors)."""
+    stems: dict[str, int] = {}
+    for item in items:
+        stems[item.rel.with_suffix("").as_posix()] = stems.get(item.rel.with_suffix("").as_posix(), 0) + 1
+    return [replace(item, keep_suffix=True) if stems[item.rel.with_suffix("").as_posix()] > 1 and item.rel.suffix else item
+            for item in items]
+
+
+def _check_collisions(items: list[InputFile]) -> list[InputFile]:
+    """Refuse two inputs whose outputs would still be the same file (a/x.png and b/x.png named one by one)."""
     seen: dict[str, InputFile] = {}
     for item in items:
-        key = item.rel.with_suffix("").as_posix()
+        key = item.out_stem.as_posix()
         if key in seen:
             other = seen[key]
             raise InputError(f"{other.path} and {item.path} would be written to the same output "
-                             f"({item.rel.with_suffix('')}.*); pass their folder instead, or rename one", item.path)
+                             f"({item.out_stem}.*); pass their folder instead, or rename one", item.path)
         seen[key] = item
+    return items
 
 
 def output_path(item: InputFile, out_dir: str | Path, suffix: str) -> Path:
     """Where the output of `item` goes: out_dir / rel with the new suffix (the input tree mirrored), always inside out_dir."""
-    out = Path(out_dir) / item.rel.with_suffix(suffix)
+    out = Path(out_dir) / item.output_rel(suffix)
     inside = os.path.relpath(os.path.normpath(out), os.path.normpath(out_dir))
     if inside.startswith(os.pardir) or os.path.isabs(inside):  # unreachable while rel holds no `..`; kept as a guard
         raise InputError(f"its output {out} would lie outside {out_dir}", item.path)

@@ -23,15 +23,14 @@ import safetensors
 import safetensors.torch
 import torch
 
-from vaetool.errors import VaeToolError, check_utf8_name, first_line
-from vaetool.limits import MAX_SAFETENSORS_HEADER
+from vaetool.errors import VaeToolError, first_line
+from vaetool.io.safe_header import MAX_HEADER_BYTES, looks_like_safetensors, safetensors_header
 
 __all__ = [
     "MAX_HEADER_BYTES", "UNSAFE_GLOBAL", "load_weights_only", "looks_like_safetensors",
     "read_safetensors", "safetensors_header", "write_safetensors",
 ]  # fmt: skip
 
-MAX_HEADER_BYTES = MAX_SAFETENSORS_HEADER
 UNSAFE_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL (\S+)", re.IGNORECASE)  # torch's wordings vary by version
 TORCH_MAGIC = b"PK\x03\x04"  # torch.save's zip container
 # safetensors dtype names -> torch dtypes (the ones a checkpoint or latent may hold)
@@ -45,58 +44,6 @@ _np_core = getattr(np, "_core", None) or np.core
 SAFE_GLOBALS: list[Any] = [_np_core.multiarray.scalar, np.dtype] + [
     type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool")
 ]
-
-
-
-
-def looks_like_safetensors(path: Path) -> bool:
-    """Whether the file starts like a safetensors file (a plausible header length, then '{')."""
-    with path.open("rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
-
-
-def _entry_end(name: str, entry: Any) -> int:
-    """The end offset of one tensor entry; ValueError when the entry is malformed."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
-        raise ValueError(f"tensor {name!r} has no dtype")
-    shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ValueError(f"tensor {name!r} has a bad shape")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)):
-        raise ValueError(f"tensor {name!r} has bad data offsets")
-    if offsets[1] < offsets[0]:
-        raise ValueError(f"tensor {name!r} ends before it starts")
-    return offsets[1]
-
-
-def safetensors_header(path: Path, error: type[VaeToolError]) -> tuple[dict[str, Any], dict[str, str]]:
-    """(tensor entries, __metadata__ strings) of a safetensors file, every entry checked against the file size."""
-    check_utf8_name(path, error)  # the safetensors library takes only UTF-8 paths
-    size = path.stat().st_size
-    if size == 0:
-        raise error("empty file (0 bytes)", path)
-    with path.open("rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n <= 0 or n > size - 8:
-            raise error(f"truncated or corrupt safetensors file: its header needs {n} bytes, the file has {size}", path)
-        if n > MAX_HEADER_BYTES:
-            raise error(f"corrupt safetensors file: a {n}-byte header is over the {MAX_HEADER_BYTES}-byte limit", path)
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("not a JSON object")
-        meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-            raise ValueError("__metadata__ is not a mapping of strings")
-        end = max((_entry_end(k, v) for k, v in header.items()), default=0)
-    except (ValueError, TypeError, RecursionError) as err:
-        raise error(f"corrupt safetensors file: unreadable header ({first_line(err, 80)})", path) from None
-    if 8 + n + end > size:
-        raise error(f"truncated safetensors file: {size} bytes, its header describes {8 + n + end}", path)
-    return header, {str(k): v for k, v in meta.items()}
 
 
 def read_safetensors(
@@ -156,6 +103,10 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
 
 def load_weights_only(path: Path, error: type[VaeToolError], what: str = "torch file") -> Any:
     """torch.load(weights_only=True): tensors and plain containers only; a pickle that would import code is refused."""
+    from vaetool.io.sniff import sniff
+
+    if (kind := sniff(path)) is not None:
+        raise error(f"not a {what} ({kind})", path)
     with path.open("rb") as f:
         magic = f.read(4)
     if not (magic.startswith(TORCH_MAGIC) or magic[:1] == PICKLE_PROTOCOL):

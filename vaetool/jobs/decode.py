@@ -107,12 +107,21 @@ def original_size(meta: dict[str, Any]) -> tuple[int, int] | None:
     return None
 
 
-def item_output(out_dir: Path, rel: PurePath, item: LatentItem) -> Path:
+def item_name(f: InputFile, item: LatentItem) -> str:
+    """The latent's name, with its file's suffix kept when another input shares the stem (a.safetensors, a.npy:
+    a.safetensors, a.npy; a batch a.npy: a.npy_0, a.npy_1, ...)."""
+    stem = f.path.stem
+    if f.keep_suffix and item.name.startswith(stem):
+        return f.rel.name + item.name[len(stem):]
+    return item.name
+
+
+def item_output(out_dir: Path, rel: PurePath, item: LatentItem, name: str | None = None) -> Path:
     """out_dir / the input's folder / item name .png; InputError for names that would leave out_dir."""
-    name = PurePath(item.name)
-    if name.is_absolute() or ".." in name.parts or not name.parts:
-        raise InputError(f"latent name {item.name!r} cannot be an output file name", item.source)
-    return out_dir / rel.parent / f"{item.name}{SUFFIX}"
+    name = item.name if name is None else name
+    if PurePath(name).is_absolute() or ".." in PurePath(name).parts or not PurePath(name).parts:
+        raise InputError(f"latent name {name!r} cannot be an output file name", item.source)
+    return out_dir / rel.parent / f"{name}{SUFFIX}"
 
 
 def jobs_from_files(files: Sequence[InputFile], out_dir: Path) -> Iterator[DecodeJob]:
@@ -127,9 +136,10 @@ def jobs_from_files(files: Sequence[InputFile], out_dir: Path) -> Iterator[Decod
             yield DecodeJob(f.rel.as_posix(), f.path, None, error=err.problem)
             continue
         for item in items:
-            key = (f.rel.parent / item.name).as_posix()
+            name = item_name(f, item)
+            key = (f.rel.parent / name).as_posix()
             try:
-                output = item_output(out_dir, f.rel, item)
+                output = item_output(out_dir, f.rel, item, name)
             except InputError as err:
                 yield DecodeJob(key, f.path, None, error=err.problem)
                 continue

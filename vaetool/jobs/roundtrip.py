@@ -143,8 +143,9 @@ def roundtrip_stages(vae: Vae, settings: RoundtripSettings, run: RunOptions, fal
         save_png(output, decoded, bits=8, text=text, overwrite=True)
         result = ImageResult(job.key, job.source, output, (h, w), compare(pixels, info["reference"]))
         reference = info["reference"]
+        out_rel = output.relative_to(settings.out_dir)  # cat.png, or cat.jpg.png when cat.png is an input too
         if settings.golden is not None:
-            target = golden.golden_path(settings.golden, Path(job.key))
+            target = golden.golden_path(settings.golden, out_rel)
             if settings.update_golden:
                 result.golden = golden.update(pixels, target, text, settings.thresholds, force=settings.force)
             else:
@@ -153,7 +154,7 @@ def roundtrip_stages(vae: Vae, settings: RoundtripSettings, run: RunOptions, fal
         else:
             broken = settings.thresholds.broken(result.vs_input)
             result.reasons, result.limits = list(broken.values()), list(broken)
-        heat = settings.out_dir / HEATMAP_DIR / Path(job.key).with_suffix(SUFFIX)
+        heat = settings.out_dir / HEATMAP_DIR / out_rel
         if result.status == "failed" and reference is not None and reference.shape == pixels.shape:
             against = "golden" if settings.golden is not None else "input"
             result.heatmap = golden.write_heatmap(heat, pixels, reference, {"vaetool.source": str(job.source), "vaetool.against": against})

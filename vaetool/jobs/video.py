@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from vaetool.errors import InputError, OutputError, OutputExistsError
+from vaetool.errors import InputError, OutputError, OutputExistsError, UsageError
 from vaetool.precision import Fp32Fallback
 from vaetool.tiling import Tiling, choose
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from vaetool.api import Vae
     from vaetool.video.coding import DecodePlan
 
-__all__ = ["LATENT_SUFFIX", "VideoAction", "VideoSettings", "check_outputs", "run_video"]
+__all__ = ["LATENT_SUFFIX", "VideoAction", "VideoSettings", "check_chunking", "check_input", "check_outputs", "run_video"]
 
 LATENT_SUFFIX = ".safetensors"
 
@@ -57,22 +57,55 @@ class Clip(NamedTuple):
 
 
 def check_outputs(action: VideoAction, outputs: list[Path], overwrite: bool) -> None:
-    """Validate the outputs before any work: kinds for the action, no existing files, extras present, folders writable."""
+    """Validate the outputs before any work: kinds for the action (UsageError), no existing files, extras present, folders writable."""
     from vaetool.jobs.common import prepare_output
-    from vaetool.video.writers import check_output
+    from vaetool.video.writers import check_output, output_kind
 
     if not outputs:
-        raise OutputError(f"video {action.value} needs at least one -o/--output")
+        raise UsageError(f"video {action.value} needs at least one -o/--output")
+    if len(set(outputs)) != len(outputs):
+        raise UsageError("given twice as -o/--output", next(o for o in outputs if outputs.count(o) > 1))
     if action is VideoAction.encode:
         if len(outputs) != 1 or outputs[0].suffix.lower() != LATENT_SUFFIX:
-            raise OutputError(f"video encode writes one {LATENT_SUFFIX} file (-o clip{LATENT_SUFFIX})", outputs[0])
+            raise UsageError(f"video encode writes one {LATENT_SUFFIX} file (-o clip{LATENT_SUFFIX})", outputs[0])
         if outputs[0].exists() and not overwrite:
             raise OutputExistsError("already exists (use --overwrite to replace it)", outputs[0])
         prepare_output(outputs[0].parent)
         return
     for out in outputs:
+        try:
+            output_kind(out)
+        except OutputError as err:  # an image suffix where a video goes: the command used wrongly
+            raise UsageError(err.problem, err.path) from None
         check_output(out, overwrite=overwrite)
         prepare_output(out.parent)  # a frames folder is filled beside it, then renamed
+
+
+def check_input(action: VideoAction, path: Path) -> None:
+    """UsageError when INPUT is the wrong kind of file for the action (a missing file is left to the reader)."""
+    from vaetool.io.latent_item import LATENT_SUFFIXES
+    from vaetool.video.frames import ANIMATED_SUFFIXES, VIDEO_SUFFIXES
+
+    if not path.is_file():
+        return
+    suffix = path.suffix.lower()
+    if action is VideoAction.decode and suffix not in LATENT_SUFFIXES:
+        raise UsageError(f"video decode reads latents ({', '.join(LATENT_SUFFIXES)}), not a {suffix or 'suffix-less'} "
+                         "file; `vaetool video encode` makes them from a video", path)
+    if action is not VideoAction.decode and suffix not in ANIMATED_SUFFIXES + VIDEO_SUFFIXES:
+        raise UsageError(f"unsupported video input {suffix!r} (a folder of frames, or one of "
+                         f"{', '.join(ANIMATED_SUFFIXES + VIDEO_SUFFIXES)})", path)
+
+
+def check_chunking(chunk_frames: int | None, overlap: int | None) -> None:
+    """UsageError when --chunk-frames and --overlap given together do not fit (overlap at most half a chunk)."""
+    from vaetool.video.chunks import validate_chunking
+
+    if chunk_frames is not None and overlap is not None:
+        try:
+            validate_chunking(chunk_frames, overlap)
+        except ValueError as err:
+            raise UsageError(f"--chunk-frames {chunk_frames} / --overlap {overlap}: {err}") from None
 
 
 def read_clip(vae: Vae, path: Path, fps: float | None, warn: Callable[[str], None]) -> Clip:
