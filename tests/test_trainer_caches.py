@@ -237,12 +237,13 @@ def test_bad_caches_are_named_and_the_good_ones_written(runner, tmp_path: Path) 
     (lat / "bomb.pt.gz").write_bytes(_gzip_bomb(MAX_GZIP_LATENT + 2**20))
     (lat / "cut.pt.gz").write_bytes(gzip.compress(_torch_bytes(_z(7)))[:-20])
     (lat / "nolatents.pt.gz").write_bytes(gzip.compress(_torch_bytes({"text_embeds": _z(7)})))
+    (lat / "two.pt.gz").write_bytes(gzip.compress(_torch_bytes(_z(7))) * 2)  # SimpleTuner writes one gzip member
     code, summary = _decode(runner, lat, tmp_path / "out", "-m", "tiny-f8", "--family", "sd1")
     assert code == 1
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good_0016x0024_sd.png"]
     failed = _failed(summary)
     assert set(failed) == {"cut_0016x0024_sd.npz", "nokey_0016x0024_sd.npz", "x_0016x0024_anima.npz", f"{SHA}.pt",
-                           "evil.pt.gz", "bomb.pt.gz", "cut.pt.gz", "nolatents.pt.gz"}, failed
+                           "evil.pt.gz", "bomb.pt.gz", "cut.pt.gz", "nolatents.pt.gz", "two.pt.gz"}, failed
     assert "truncated or corrupt .npz" in failed["cut_0016x0024_sd.npz"]
     assert "no latent array inside" in failed["nokey_0016x0024_sd.npz"]
     assert "sd-scripts cache for 'anima'" in failed["x_0016x0024_anima.npz"]
@@ -251,6 +252,7 @@ def test_bad_caches_are_named_and_the_good_ones_written(runner, tmp_path: Path) 
     assert "gzip bomb" in failed["bomb.pt.gz"]
     assert "truncated gzip" in failed["cut.pt.gz"]
     assert "without 'latents'" in failed["nolatents.pt.gz"]
+    assert "data after the end of its stream" in failed["two.pt.gz"]
     assert all("\n" not in r for r in failed.values())
 
 

@@ -36,6 +36,7 @@ __all__ = [
 ]  # fmt: skip
 
 GZIP_MAGIC = b"\x1f\x8b"
+GZIP_CHUNK = 2**20  # compressed bytes read at a time
 MULTI_SUFFIXES = (".pt.gz",)  # suffixes of two parts; the rest are path.suffix
 SD_SCRIPTS_NAME = re.compile(r"_(\d{4,})x(\d{4,})_([A-Za-z0-9]+)$")  # {stem}_{W:04d}x{H:04d}_{arch}.npz
 MUSUBI_LATENTS = re.compile(r"^latents_(\d+)x(\d+)x(\d+)_([A-Za-z0-9]+)$")  # latents_{F}x{H}x{W}_{dtype}
@@ -185,22 +186,28 @@ SAFETENSORS_CACHES: tuple[tuple[Callable[[dict[str, Any], dict[str, str]], bool]
 def gunzip_latent(path: Path) -> bytes | None:
     """The gunzipped content of a gzip file (SimpleTuner's compressed cache), None when it is not gzip.
 
-    Decompression stops at MAX_GZIP_LATENT bytes: a gzip bomb is refused, not inflated.
+    The file is read and inflated in chunks that stop at MAX_GZIP_LATENT bytes: a gzip bomb is
+    refused, not inflated; a stream that does not end, or data after it, is a corrupt file.
     """
+    inflater = zlib.decompressobj(wbits=31)  # gzip framing
+    out = bytearray()
     with path.open("rb") as f:
         if f.read(2) != GZIP_MAGIC:
             return None
-    data = path.read_bytes()
-    inflater = zlib.decompressobj(wbits=31)  # gzip framing
-    try:
-        out = inflater.decompress(data, MAX_GZIP_LATENT + 1)
-    except zlib.error as err:
-        raise InputError(f"corrupt gzip data: {err}", path) from None
-    if len(out) > MAX_GZIP_LATENT:
-        raise InputError(f"gzip content expands past {MAX_GZIP_LATENT} bytes (a gzip bomb?); refusing it", path)
-    if not inflater.eof:
-        raise InputError(f"truncated gzip data ({len(data)} bytes, the stream does not end)", path)
-    return out
+        f.seek(0)
+        try:
+            while not inflater.eof:
+                chunk = inflater.unconsumed_tail or f.read(GZIP_CHUNK)
+                if not chunk:
+                    raise InputError(f"truncated gzip data: the stream ends after {len(out)} bytes without its end marker", path)
+                out += inflater.decompress(chunk, MAX_GZIP_LATENT + 1 - len(out))
+                if len(out) > MAX_GZIP_LATENT:
+                    raise InputError(f"gzip content expands past {MAX_GZIP_LATENT} bytes (a gzip bomb?); refusing it", path)
+        except zlib.error as err:
+            raise InputError(f"corrupt gzip data: {err}", path) from None
+        if inflater.unused_data or f.read(1):
+            raise InputError("corrupt gzip file: data after the end of its stream", path)
+    return bytes(out)
 
 
 def _is_onetrainer(obj: Any, path: Path, gzipped: bool) -> bool:
