@@ -40,6 +40,7 @@ GZIP_CHUNK = 2**20  # compressed bytes read at a time
 MULTI_SUFFIXES = (".pt.gz",)  # suffixes of two parts; the rest are path.suffix
 SD_SCRIPTS_NAME = re.compile(r"_(\d{4,})x(\d{4,})_([A-Za-z0-9]+)$")  # {stem}_{W:04d}x{H:04d}_{arch}.npz
 MUSUBI_LATENTS = re.compile(r"^latents_(\d+)x(\d+)x(\d+)_([A-Za-z0-9]+)$")  # latents_{F}x{H}x{W}_{dtype}
+TRAINER_NAMES = {"simpletuner": "SimpleTuner", "onetrainer": "OneTrainer"}  # source_format -> how messages spell it
 SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")  # SimpleTuner names its cache files by sha256 of the image's name
 
 
@@ -129,7 +130,9 @@ def _int_list(array: Any, path: Path, key: str) -> list[int]:
 
 
 def _is_musubi(header: dict[str, Any], meta: dict[str, str]) -> bool:
-    return "architecture" in meta and "format_version" in meta
+    """Metadata architecture + format_version, and a latents_FxHxW_dtype tensor (or a text-encoder cache's caption1)."""
+    musubi_like = any(MUSUBI_LATENTS.match(k) for k in header) or "caption1" in meta
+    return "architecture" in meta and "format_version" in meta and musubi_like
 
 
 def _load_musubi(path: Path, header: dict[str, Any], meta: dict[str, str]) -> list[LatentItem]:
@@ -260,7 +263,7 @@ def settle_form(meta: dict[str, Any], given: str | None, model_family: str, path
     families = meta.get("trainer_families")
     if not isinstance(families, list):
         return meta
-    trainer = meta.get("source_format", "trainer")
+    trainer = TRAINER_NAMES.get(meta.get("source_format", ""), meta.get("source_format", "trainer"))
     given = given.lower() if given else None
     if given is not None and families and given not in families:
         raise InputError(f"this {trainer} cache holds {' or '.join(families)} latents, not {given} (--family)", path)
