@@ -9,6 +9,7 @@ fails the test. Examples are derandomized and bounded, so a CI run is the same f
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -50,6 +52,15 @@ def _valid_latent_files() -> dict[str, bytes]:
     buf = io.BytesIO()
     torch.save({"samples": z}, buf)
     out[".pt"] = buf.getvalue()
+    buf = io.BytesIO()
+    torch.save({"latents": z[0]}, buf)
+    out[".pt.gz"] = gzip.compress(buf.getvalue())  # a SimpleTuner cache
+    buf = io.BytesIO()
+    np.savez(buf, latents_3x3=z[0].numpy(), original_size_3x3=np.array([24, 24]), crop_ltrb_3x3=np.zeros(4, int))
+    out["_0024x0024_flux.npz"] = buf.getvalue()  # an sd-scripts Flux cache
+    out["_0024x0024_wan.safetensors"] = safetensors.torch.save(  # a musubi-tuner cache
+        {"latents_1x3x3_float32": z[0, :, None].contiguous()},
+        metadata={"architecture": "wan", "width": "24", "height": "24", "format_version": "1.0.1"})
     return out
 
 
@@ -91,7 +102,8 @@ def _only_named_errors(read: Callable[[Path], object], path: Path) -> None:
 
 
 @FUZZ
-@given(suffix=st.sampled_from([".safetensors", ".latent", ".npz", ".npy", ".pt", ".pth"]), data=st.data())
+@given(suffix=st.sampled_from([".safetensors", ".latent", ".npz", ".npy", ".pt", ".pth", ".pt.gz", "_0024x0024_flux.npz",
+                               "_0024x0024_wan.safetensors"]), data=st.data())
 def test_latent_files(workdir: Path, suffix: str, data: st.DataObject) -> None:
     seed_suffix = {".latent": ".safetensors", ".pth": ".pt"}.get(suffix, suffix)
     blob = data.draw(st.one_of(st.binary(max_size=300), mutated(SEEDS[seed_suffix])))

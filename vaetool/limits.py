@@ -11,6 +11,7 @@ MAX_PIXELS = 128 * 1024 * 1024  # declared width x height of one image (~11585 x
 MAX_DEFLATE_RATIO = 1032  # deflate (zlib, PNG, zip) cannot expand data more than this
 MAX_LZW_RATIO = 1400  # TIFF LZW (12-bit codes, strings growing by one byte per code) stays below this
 MAX_PACKBITS_RATIO = 64  # TIFF PackBits: 2 bytes give at most 128
+MAX_GZIP_LATENT = 64 * 2**20  # gunzipped bytes of a compressed latent cache (SimpleTuner .pt.gz: a few MB; 16 MB for 4096^2 Flux)
 MAX_SAFETENSORS_HEADER = 100 * 2**20  # the safetensors library's own limit on the JSON header
 MAX_CONFIG_NODES = 100_000  # values in a YAML config once its aliases are expanded (shipped configs: < 100)
 MAX_CONFIG_BYTES = 16 * 2**20  # size of a YAML config file

@@ -41,7 +41,8 @@ from vaetool.cli.common import (
 from vaetool.errors import InputError, UsageError
 
 NAME = "decode"
-HELP = "Decode latent files (vaetool, ComfyUI .latent, sd-scripts .npz, .npy, .pt) to PNG images."
+HELP = ("Decode latent files (vaetool, ComfyUI .latent, .npy, .pt; sd-scripts, musubi-tuner, SimpleTuner and OneTrainer "
+        "caches) to PNG images.")
 
 InputsArg = Annotated[list[str] | None, typer.Argument(help="Latent files, folders (shard folders too) or quoted globs.",
                                                       show_default=False)]
@@ -90,7 +91,7 @@ def command(
         raise InputError(f"no latent files ({', '.join(LATENT_SUFFIXES)}) found", " ".join(inputs or [files_from or ""]))
     prepare_output(output)  # a folder that cannot be written fails before the model loads
     vae = load(spec)
-    settings = DecodeSettings(output, scaled, 16 if bits16 else 8, overwrite)
+    settings = DecodeSettings(output, scaled, 16 if bits16 else 8, overwrite, family=family)
     with Reporter(None, quiet=quiet, verbose=verbose, label="decoding") as reporter:
         run = run_options(tile, tile_size, max_memory, batch_size, fail_fast=fail_fast, reporter=reporter)
         with attention_scope(spec.attention):

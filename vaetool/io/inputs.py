@@ -55,7 +55,7 @@ def _visible(rel: PurePath) -> bool:
 
 
 def _wanted(path: Path, suffixes: Sequence[str]) -> bool:
-    return path.suffix.lower() in suffixes and path.is_file()
+    return path.name.lower().endswith(tuple(suffixes)) and path.is_file()  # endswith: suffixes of two parts (.pt.gz)
 
 
 def _from_dir(directory: Path, recursive: bool, suffixes: Sequence[str]) -> Iterator[InputFile]:

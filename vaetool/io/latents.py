@@ -1,5 +1,6 @@
-"""Latent files: vaetool's own .safetensors (single and sharded), ComfyUI .latent, sd-scripts .npz,
-.npy and weights-only .pt/.pth, all read into LatentItems [C, h, w] float32 with their metadata.
+"""Latent files: vaetool's own .safetensors (single and sharded), ComfyUI .latent, .npy, weights-only
+.pt/.pth and the trainers' caches (sd-scripts .npz, musubi-tuner .safetensors, SimpleTuner .pt/.pt.gz,
+OneTrainer .pt: vaetool.io.trainer_caches), all read into LatentItems [C, h, w] float32 with their metadata.
 
 Metadata keys every loader may set (the commands read them): "scaled" (bool: the tensor is in
 the diffusion model's scaled space), "source_format" (where it came from), plus whatever the
@@ -32,7 +33,6 @@ from vaetool.io.latent_item import (
     FORMAT,
     FORMAT_VERSION,
     LATENT_SUFFIXES,
-    NPZ_LATENTS,
     SHARD_FORMAT,
     TENSOR_KEYS,
     LatentItem,
@@ -45,6 +45,7 @@ from vaetool.io.latent_item import (
 )
 from vaetool.io.safe import load_weights_only, read_safetensors, safetensors_header, write_safetensors
 from vaetool.io.shards import load_shard, load_shard_dir
+from vaetool.io.trainer_caches import PICKLE_CACHES, SAFETENSORS_CACHES, gunzip_latent, sd_scripts_items
 from vaetool.limits import MAX_DEFLATE_RATIO
 
 __all__ = [
@@ -83,6 +84,9 @@ def _load_safetensors(path: Path) -> list[LatentItem]:
             info["converted"] = f"legacy ComfyUI latent (no {COMFY_MARKER}): divided by {COMFY_LEGACY_SCALE}"
         extra = {k: v for k, v in meta.items() if k not in info}  # prompt/workflow JSON strings
         return split_batch(path, path.stem, tensor, {**extra, **info})
+    for detect, load in SAFETENSORS_CACHES:  # the trainers' caches (musubi-tuner), found by their metadata
+        if detect(header, meta):
+            return load(path, header, meta)
     candidates = [k for k, v in header.items() if len(v.get("shape", ())) in (3, 4)]
     if len(candidates) != 1:
         raise InputError(f"no latent tensor inside (tensors: {listing(header)})", path)
@@ -145,30 +149,13 @@ def _load_npz(path: Path) -> list[LatentItem]:
         raise InputError(f"corrupt .npz file: {first_line(err)}", path) from None
     except (OSError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, NotImplementedError, RuntimeError) as err:
         raise InputError(f"truncated or corrupt .npz file: {first_line(err)}", path) from None  # RuntimeError: encrypted
-    found = sorted((k, m) for k in arrays if (m := NPZ_LATENTS.match(k)))
-    if not found:
-        if len(arrays) == 1:  # np.savez(path, array)
-            (key, array), = arrays.items()
-            return split_batch(path, path.stem, validate_latent(array, path, f"array {key!r}"), {"source_format": "npz"})
-        raise InputError(f"no latent array inside (arrays: {listing(arrays)})", path)
-    items = []
-    for key, _ in found:
-        suffix = key[len("latents"):]
-        meta: dict[str, Any] = {"source_format": "sd-scripts", "scaled": False}
-        for extra in ("original_size", "crop_ltrb"):  # original_size is (width, height) before resizing
-            if extra + suffix in arrays:
-                meta[f"sd_scripts_{extra}"] = _int_list(arrays[extra + suffix], path, extra + suffix)
-        stem = path.stem if len(found) == 1 else f"{path.stem}{suffix}"
-        items += split_batch(path, stem, validate_latent(arrays[key], path, f"array {key!r}"), meta)
-    return items
-
-
-def _int_list(array: Any, path: Path, key: str) -> list[int]:
-    """A small integer array of an sd-scripts cache (original_size, crop_ltrb) as a list."""
-    a = np.asarray(array)
-    if a.dtype.kind not in "iuf" or a.size > 8 or not np.isfinite(a).all():
-        raise InputError(f"array {key!r} is not a few integers (dtype {a.dtype}, {a.size} values)", path)
-    return [int(v) for v in a.reshape(-1)]
+    items = sd_scripts_items(path, arrays)
+    if items is not None:
+        return items
+    if len(arrays) == 1:  # np.savez(path, array)
+        (key, array), = arrays.items()
+        return split_batch(path, path.stem, validate_latent(array, path, f"array {key!r}"), {"source_format": "npz"})
+    raise InputError(f"no latent array inside (arrays: {listing(arrays)})", path)
 
 
 def _load_npy(path: Path) -> list[LatentItem]:
@@ -185,7 +172,11 @@ def _load_npy(path: Path) -> list[LatentItem]:
 
 
 def _load_pickle(path: Path) -> list[LatentItem]:
-    obj = load_weights_only(path, InputError)
+    data = gunzip_latent(path)  # SimpleTuner's compressed caches (.pt.gz, or gzip under a .pt name)
+    obj = load_weights_only(path, InputError, data=data)
+    for detect, load in PICKLE_CACHES:  # the trainers' caches (OneTrainer, SimpleTuner), found by keys and names
+        if detect(obj, path, data is not None):
+            return load(path, obj)
     info: dict[str, Any] = {"source_format": "torch"}
     if isinstance(obj, dict):
         key = next((k for k in TENSOR_KEYS if k in obj), None)
@@ -206,6 +197,7 @@ LOADERS: dict[str, Callable[[Path], list[LatentItem]]] = {
     ".npy": _load_npy,
     ".pt": _load_pickle,
     ".pth": _load_pickle,
+    ".pt.gz": _load_pickle,
 }
 
 
@@ -219,7 +211,8 @@ def load_latents(path: str | Path) -> list[LatentItem]:
         raise InputError("no such file", path)
     if path.stat().st_size == 0:
         raise InputError("empty file (0 bytes)", path)
-    loader = LOADERS.get(path.suffix.lower())
+    name = path.name.lower()
+    loader = next((LOADERS[s] for s in sorted(LOADERS, key=len, reverse=True) if name.endswith(s) and name != s), None)
     if loader is None:
         raise InputError(f"unsupported latent file type {path.suffix!r} (expected one of {', '.join(LATENT_SUFFIXES)})", path)
     try:

@@ -9,6 +9,7 @@ see (CheckpointError or InputError), so every failure is one line naming the fil
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import pickle
@@ -101,20 +102,28 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
         f.write(memoryview(blob)[8 + n :])
 
 
-def load_weights_only(path: Path, error: type[VaeToolError], what: str = "torch file") -> Any:
-    """torch.load(weights_only=True): tensors and plain containers only; a pickle that would import code is refused."""
+def load_weights_only(path: Path, error: type[VaeToolError], what: str = "torch file", data: bytes | None = None) -> Any:
+    """torch.load(weights_only=True): tensors and plain containers only; a pickle that would import code is refused.
+
+    `data`, when given, is the file's content already read (a gunzipped cache), loaded from memory.
+    """
     from vaetool.io.sniff import sniff
 
-    if (kind := sniff(path)) is not None:
-        raise error(f"not a {what} ({kind})", path)
-    with path.open("rb") as f:
-        magic = f.read(4)
+    if data is None:
+        if (kind := sniff(path)) is not None:
+            raise error(f"not a {what} ({kind})", path)
+        with path.open("rb") as f:
+            magic = f.read(4)
+    else:
+        magic = data[:4]
     if not (magic.startswith(TORCH_MAGIC) or magic[:1] == PICKLE_PROTOCOL):
         raise error(f"not a {what}: neither safetensors nor a torch zip or pickle file", path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before failing or not
             # a zip file is mapped, not read: tensors nobody touches (a whole model's UNet) cost no memory
+            if data is not None:
+                return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             return torch.load(path, map_location="cpu", weights_only=True, mmap=magic.startswith(TORCH_MAGIC))
     except pickle.UnpicklingError as err:
         if m := UNSAFE_GLOBAL.search(str(err)):

@@ -1,8 +1,10 @@
 """Decode latent files of every kind to PNG images: resumable, bad files skipped.
 
-Inputs are vaetool .safetensors (single or sharded), ComfyUI .latent, sd-scripts .npz, .npy and
-weights-only .pt files; a batch inside one file becomes name_0.png, name_1.png, ... Each latent is
-turned to raw form with the scale/shift its file records (else `scaled` with the model's family),
+Inputs are vaetool .safetensors (single or sharded), ComfyUI .latent, .npy, weights-only .pt files
+and the trainers' caches (sd-scripts, musubi-tuner, SimpleTuner, OneTrainer); a batch inside one
+file becomes name_0.png, name_1.png, ... Each latent is turned to raw form with the scale/shift its
+file records (a trainer cache: its format's form, the family from the file or --family; else
+`scaled` with the model's family),
 decoded in batches of equal size (tiled when asked or needed), cropped to the recorded original
 size, and written as a PNG with its provenance in text chunks, atomically. A rerun skips a PNG only
 when its recorded provenance (model, dtype, tiling, bits, the source latent's sha256 and form) is
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +50,7 @@ class DecodeSettings:
     scaled: bool | None = None  # the form of latents whose file does not say (None: raw)
     bits: int = 8
     overwrite: bool = False
+    family: str | None = None  # the user's --family: the family of trainer caches that do not record one
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,7 @@ def decode_stages(vae: Vae, settings: DecodeSettings, run: RunOptions, fallback:
     """load: check and unscale one latent; compute: decode a batch; write: crop and save one PNG (skip: this run's PNGs)."""
     from vaetool.io.images import crop_to, save_png
     from vaetool.io.latents import check_channels
+    from vaetool.io.trainer_caches import settle_form
 
     channels = vae.latent_format.channels
     model_name = f"the model ({vae.latent_format.family})"
@@ -209,17 +213,19 @@ def decode_stages(vae: Vae, settings: DecodeSettings, run: RunOptions, fallback:
     def load(job: DecodeJob) -> Loaded:
         if job.error is not None or job.item is None:
             raise InputError(job.error or "nothing to decode", job.source)
-        check_channels(job.item, channels, model_name)
-        raw, form = to_raw(job.item, vae, settings.scaled)
-        said = file_says_scaled(job.item.metadata)
+        item = job.item
+        check_channels(item, channels, model_name)
+        item = replace(item, metadata=settle_form(item.metadata, settings.family, vae.latent_format.family, item.source))
+        raw, form = to_raw(item, vae, settings.scaled)
+        said = file_says_scaled(item.metadata)
         if settings.scaled is not None and said is not None and said != settings.scaled and form not in ignored:
             ignored.add(form)
             notice(f"{job.source}: the file says its latents are {form}; --{'scaled' if settings.scaled else 'raw'} "
                    "is ignored for files that record their form")
-        provenance = item_provenance(base, job.item, settings, hashes)
-        text = png_text(vae, f"{job.source}" + ("" if job.item.name == job.source.stem else f" [{job.item.name}]"),
+        provenance = item_provenance(base, job.item, settings, hashes)  # as existing_pngs computes it
+        text = png_text(vae, f"{job.source}" + ("" if item.name == job.source.stem else f" [{item.name}]"),
                         **{"vaetool.latent_form": form, PNG_KEY: json.dumps(provenance, sort_keys=True)})
-        return Loaded(raw, {"size": original_size(job.item.metadata), "text": text, "provenance": provenance})
+        return Loaded(raw, {"size": original_size(item.metadata), "text": text, "provenance": provenance})
 
     def compute(z: torch.Tensor, jobs: Sequence[DecodeJob]) -> torch.Tensor:
         return fallback(lambda v: v.decode(z, tiling=run.tiling, clamp=False).float())  # [B, 3, H, W]
