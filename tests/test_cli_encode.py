@@ -465,3 +465,19 @@ def test_engine_runs_partial_batches_when_too_much_waits() -> None:
     assert summary.done == 5 and sorted(k for b in batches for k in b) == ["0", "1", "2", "3", "4"]
     assert all(len({shapes[int(k)] for k in b}) == 1 for b in batches)  # never mixed sizes
     assert len(batches) > 2  # the 200-byte cap ran partial batches before the end
+
+
+def test_random_weights_are_said_in_the_summary_the_manifest_and_the_png(runner, tmp_path: Path) -> None:
+    """Issue 12.1: a test model's random weights are marked in every place a script reads."""
+    src = _rgb(tmp_path / "in" / "a.png", 16, 16, 3)
+    out, png = tmp_path / "out", tmp_path / "png"
+    result = _encode(runner, str(src), "-o", str(out), *MODEL, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["random_weights"] is True
+    assert "random weights" in result.stderr
+    assert run_headers(out / "manifest.jsonl")[-1]["settings"]["random_weights"] is True
+    assert _latent(out / "a.safetensors")[1]["random_weights"] is True
+    decoded = runner.invoke(app, ["decode", str(out / "a.safetensors"), "-o", str(png), *MODEL, "--json"])
+    assert decoded.exit_code == 0, decoded.output
+    assert json.loads(decoded.stdout)["random_weights"] is True
+    assert json.loads(Image.open(png / "a.png").text["vaetool.model"])["random_weights"] is True

@@ -97,7 +97,8 @@ def command(
         with attention_scope(spec.attention):
             summary = decode_files(vae, files, settings, run)
     extra = {"inputs": len(files), "output": str(output), "family": vae.latent_format.family,
-             "dtype": str(vae.dtype).removeprefix("torch.")}
+             "dtype": str(vae.dtype).removeprefix("torch."),
+             **({"random_weights": True} if vae.source.get("random_weights") else {})}
     headline = (f"decoded {summary.done}, skipped {summary.skipped} (already there), failed {len(summary.failed)} "
                 f"latents from {len(files)} files")
     print_summary(headline, "latent", summary, extra, as_json=as_json, quiet=quiet)

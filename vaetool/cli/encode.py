@@ -138,7 +138,8 @@ def command(
             summary = encode_files(vae, mine, settings, run, manifest=records)
     finish_ranks(manifest_path, rank, world, output if shard_size is not None else None)
     extra = {"run_id": records.run_id, "inputs": len(mine), "output": str(output), "manifest": str(part), "rank": rank, "world_size": world,
-             "family": vae.latent_format.family, "dtype": str(vae.dtype).removeprefix("torch.")}
+             "family": vae.latent_format.family, "dtype": str(vae.dtype).removeprefix("torch."),
+             **({"random_weights": True} if vae.source.get("random_weights") else {})}
     headline = (f"encoded {summary.done}, skipped {summary.skipped} (already there), failed {len(summary.failed)} "
                 f"of {len(mine)} images")
     print_summary(headline, "input", summary, extra, as_json=as_json, quiet=quiet)

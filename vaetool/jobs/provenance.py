@@ -48,12 +48,13 @@ def tiling_text(tiling: Tiling) -> str:
 def model_provenance(vae: Vae, tiling: Tiling) -> dict[str, Any]:
     """The fields every output of a model shares: weights sha256, config, dtype, tiling."""
     src = vae.source
-    return {
+    fields = {
         "checkpoint_sha256": src.get("sha256") or ("random-weights" if src.get("random_weights") else None),
         "config": src.get("config_name") or src.get("config"),
         "dtype": str(vae.dtype).removeprefix("torch."),
         "tiling": tiling_text(tiling),
     }
+    return fields | ({"random_weights": True} if src.get("random_weights") else {})  # also in the manifest's run header
 
 
 def _shown(value: Any) -> str:
