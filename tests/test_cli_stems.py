@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from vaetool.cli import app
 from vaetool.io.latents import load_latents, save_latent
+from vaetool.io.manifest import read_manifest
 
 MODEL = ["-m", "tiny-f8", "-q"]
 
@@ -44,7 +45,7 @@ def test_encode_keeps_the_suffix_of_inputs_that_share_a_stem(runner: CliRunner, 
     [jpg] = load_latents(out / "cat.jpg.safetensors")
     assert png.metadata["key"] == "cat.png" and jpg.metadata["key"] == "cat.jpg"
     assert not torch.equal(png.latent, jpg.latent)  # two images, two latents: neither overwrote the other
-    records = {r["key"]: r for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    records = {r["key"]: r for r in read_manifest(out / "manifest.jsonl")}  # the latest record per input
     assert Path(records["cat.jpg"]["output"]).name == "cat.jpg.safetensors"
     assert Path(records["dog.png"]["output"]).name == "dog.safetensors"
 
