@@ -62,7 +62,7 @@ def test_encode_rerun_skips_its_own_outputs_and_stops_on_other_settings(runner, 
     out = tmp_path / "out"
     assert _run(runner, "encode", str(tree), "-r", "-o", str(out), *MODEL).exit_code == 0
     meta = load_latents(out / "a.safetensors")[0].metadata
-    assert meta["provenance"] == {"checkpoint_sha256": "random-weights", "config": "tiny-f8", "dtype": "float32",
+    assert meta["provenance"] == {"checkpoint_sha256": "random-weights", "random_weights": True, "config": "tiny-f8", "dtype": "float32",
                                   "tiling": "auto", "latent_format": "raw", "posterior": "mode", "seed": None}
     again = _run(runner, "encode", str(tree), "-r", "-o", str(out), *MODEL, "--json")
     assert again.exit_code == 0 and (json.loads(again.stdout)["done"], json.loads(again.stdout)["skipped"]) == (0, 3)
