@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this tree's vaetool, not an installed one
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vs_diffusers import ROOT, SD_CONFIG, TINY_CONFIG, make_weights, run
 

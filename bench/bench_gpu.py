@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this tree's vaetool, not an installed one
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vs_diffusers import SD_CONFIG, TINY_CONFIG, make_weights
 
