@@ -145,7 +145,7 @@ def main() -> None:
         compared, worst = compare(tmp / "out-vaetool-0", tmp / "out-diffusers-0")
     if compared != count:
         raise SystemExit(f"only {compared} of {count} latents were compared")
-    med = {t: {k: statistics.median(r[k] for r in rows if r["tool"] == t) for k in ("wall", "compute", "peak")}
+    med = {t: {k: statistics.median(r[k] for r in rows if r["tool"] == t) for k in ("wall", "cpu", "compute", "peak")}
            for t in ("vaetool", "diffusers")}  # fmt: skip
     ratio = med["diffusers"]["wall"] / med["vaetool"]["wall"]
     print(f"\nvaetool {count / med['vaetool']['wall']:.2f} images/s, diffusers loop {count / med['diffusers']['wall']:.2f} images/s "
@@ -153,6 +153,8 @@ def main() -> None:
     compute = med["diffusers"]["compute"] / med["vaetool"]["compute"]
     print(f"throughput ratio vaetool/diffusers: {ratio:.2f}x (target >= 1.3); model compute only: {compute:.2f}x; "
           f"peak RSS vaetool/diffusers {med['vaetool']['peak'] / med['diffusers']['peak']:.2f}x")  # fmt: skip
+    print(f"CPU time (user + system) ratio diffusers/vaetool: {med['diffusers']['cpu'] / med['vaetool']['cpu']:.2f}x "
+          "(less sensitive to other load on a shared machine than wall time)")
     print(f"latents: {compared} compared, max |vaetool - diffusers| {worst:.2e}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "ratio": ratio, "max_abs_diff": worst}, indent=1))
