@@ -30,7 +30,7 @@ def measure_point(config: str, op: str, size: int, attention: str, batch: int = 
     from vaetool.api import load_vae
 
     torch.set_num_threads(2)
-    vae = load_vae(config)
+    vae = load_vae(config, random_weights=True)  # a config without weights: its seeded random ones
     f = vae.downscale
 
     def data(px: int) -> torch.Tensor:
