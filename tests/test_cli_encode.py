@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import struct
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import noise_png, subprocess_env
 from PIL import Image
 
 from vaetool.api import load_vae
@@ -30,12 +30,6 @@ from vaetool.precision import Fp32Fallback, fp32_copy
 MODEL = ["--model", "tiny-f8", "--quiet"]
 REPO = Path(__file__).resolve().parent.parent
 
-
-def _rgb(path: Path, w: int, h: int, seed: int = 0) -> Path:
-    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
-    return path
 
 
 def _latent(path: Path) -> tuple[torch.Tensor, dict]:
@@ -56,10 +50,10 @@ def _files(root: Path) -> set[str]:
 def tree(tmp_path: Path) -> Path:
     """in/a.png 40x24, in/b.png 32x32, in/sub/c.png 24x40, in/sub/deep/d.jpg 32x32."""
     root = tmp_path / "in"
-    _rgb(root / "a.png", 40, 24, 1)
-    _rgb(root / "b.png", 32, 32, 2)
-    _rgb(root / "sub" / "c.png", 24, 40, 3)
-    _rgb(root / "sub" / "deep" / "d.jpg", 32, 32, 4)
+    noise_png(root / "a.png", 40, 24, 1)
+    noise_png(root / "b.png", 32, 32, 2)
+    noise_png(root / "sub" / "c.png", 24, 40, 3)
+    noise_png(root / "sub" / "deep" / "d.jpg", 32, 32, 4)
     return root
 
 
@@ -127,7 +121,7 @@ def test_every_image_mode(runner, tmp_path: Path) -> None:
 
 
 def test_metadata_and_values_match_the_api(runner, tmp_path: Path) -> None:
-    src = _rgb(tmp_path / "in" / "odd.png", 30, 20, 7)  # not a multiple of 8: padded to 32 x 24
+    src = noise_png(tmp_path / "in" / "odd.png", 30, 20, 7)  # not a multiple of 8: padded to 32 x 24
     out = tmp_path / "out"
     assert _encode(runner, str(src), "-o", str(out), *MODEL, "-b", "1").exit_code == 0
     latent, meta = _latent(out / "odd.safetensors")
@@ -254,7 +248,7 @@ def _bad_inputs(root: Path) -> dict[str, str]:
     """Bad files -> a word their failure reason contains."""
     (root / "empty.png").write_bytes(b"")
     (root / "text.png").write_text("this is not an image\n")
-    good_png = _rgb(root / "full.png", 64, 64, 8).read_bytes()
+    good_png = noise_png(root / "full.png", 64, 64, 8).read_bytes()
     (root / "full.png").unlink()
     (root / "truncated.png").write_bytes(good_png[: len(good_png) // 2])
     Image.fromarray(np.random.default_rng(9).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / "full.jpg", quality=90)
@@ -386,19 +380,13 @@ def test_nan_in_half_precision_is_redone_in_fp32(tree: Path, tmp_path: Path, mon
 # ---------------------------------------------------------------- processes: SIGKILL resume, torchrun
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    env.pop("WORLD_SIZE", None)
-    env.pop("RANK", None)
-    return env
-
 
 def test_killed_run_leaves_no_partial_file_and_resumes(tmp_path: Path) -> None:
     root, out = tmp_path / "in", tmp_path / "out"
     for i in range(30):
-        _rgb(root / f"img{i:02d}.png", 64, 64, i)
+        noise_png(root / f"img{i:02d}.png", 64, 64, i)
     cmd = [sys.executable, "-m", "vaetool", "encode", str(root), "-o", str(out), *MODEL, "-b", "1", "--workers", "1"]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not _files(out) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -412,7 +400,7 @@ def test_killed_run_leaves_no_partial_file_and_resumes(tmp_path: Path) -> None:
     assert all(name.startswith(".") and name.endswith(".tmp") for name in leftovers), leftovers
 
     rerun_cmd = [*cmd, "--json", "--manifest", str(tmp_path / "rerun.jsonl")]
-    rerun = subprocess.run(rerun_cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(rerun_cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads(rerun.stdout)
     assert (summary["done"], summary["skipped"]) == (30 - len(done), len(done))
@@ -429,7 +417,7 @@ def test_torchrun_two_ranks_make_the_same_files(runner, tree: Path, tmp_path: Pa
     def torchrun(out: Path, *extra: str) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "vaetool", "encode", str(tree), "-r", "-o", str(out), *MODEL, "-b", "1", *extra]
-        result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+        result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
 
     torchrun(ranks)
@@ -469,7 +457,7 @@ def test_engine_runs_partial_batches_when_too_much_waits() -> None:
 
 def test_random_weights_are_said_in_the_summary_the_manifest_and_the_png(runner, tmp_path: Path) -> None:
     """Issue 12.1: a test model's random weights are marked in every place a script reads."""
-    src = _rgb(tmp_path / "in" / "a.png", 16, 16, 3)
+    src = noise_png(tmp_path / "in" / "a.png", 16, 16, 3)
     out, png = tmp_path / "out", tmp_path / "png"
     result = _encode(runner, str(src), "-o", str(out), *MODEL, "--json")
     assert result.exit_code == 0, result.output

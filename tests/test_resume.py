@@ -9,11 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from PIL import Image
+from cli_helpers import noise_png, subprocess_env
 
 from vaetool.cli import app
 from vaetool.hashing import cache_path, file_sha256
@@ -31,19 +30,14 @@ def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VAETOOL_CACHE_DIR", raising=False)  # conftest's; these tests check the XDG location
 
 
-def _rgb(path: Path, w: int, h: int, seed: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-    return path
-
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     """in/a.png, in/b.png, in/sub/c.png."""
     root = tmp_path / "in"
-    _rgb(root / "a.png", 40, 24, 1)
-    _rgb(root / "b.png", 32, 32, 2)
-    _rgb(root / "sub" / "c.png", 24, 40, 3)
+    noise_png(root / "a.png", 40, 24, 1)
+    noise_png(root / "b.png", 32, 32, 2)
+    noise_png(root / "sub" / "c.png", 24, 40, 3)
     return root
 
 
@@ -211,19 +205,13 @@ def test_an_output_written_meanwhile_by_another_run_is_skipped_or_fails_named(
         in failure["reason"]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    env.pop("WORLD_SIZE", None)
-    env.pop("RANK", None)
-    return env
-
 
 def test_two_concurrent_encodes_into_one_folder_both_succeed(tmp_path: Path) -> None:
     root, out = tmp_path / "in", tmp_path / "out"
     for i in range(24):
-        _rgb(root / f"img{i:02d}.png", 16, 16, i)
+        noise_png(root / f"img{i:02d}.png", 16, 16, i)
     cmd = [sys.executable, "-m", "vaetool", "encode", str(root), "-o", str(out), *MODEL, "-b", "1", "--workers", "1", "--json"]
-    procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
     for proc, (_, stderr) in zip(procs, results, strict=True):
         assert proc.returncode == 0, stderr

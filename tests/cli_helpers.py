@@ -1,0 +1,27 @@
+"""Helpers shared by the CLI tests: noise images on disk, and the environment of a `python -m vaetool` subprocess."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def noise_png(path: Path, w: int, h: int, seed: int = 0) -> Path:
+    """A w x h RGB image of seeded uniform noise, written to `path` (folders made)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def subprocess_env() -> dict[str, str]:
+    """This environment for a child `python -m vaetool`: one thread, this checkout first, not under torchrun."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    return env
