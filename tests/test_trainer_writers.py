@@ -18,7 +18,7 @@ from vaetool.families import WAN_MEAN, WAN_STD, get_family
 from vaetool.io import trainer_writers
 from vaetool.io.latents import load_latents
 from vaetool.io.trainer_caches import MUSUBI_ARCHITECTURES, SD_SCRIPTS_ARCHITECTURES, settle_form
-from vaetool.io.trainer_writers import MUSUBI_WRITES, SD_SCRIPTS_WRITES, TRAINER_FORMATS, check_family
+from vaetool.io.trainer_writers import MUSUBI_WRITES, SD_SCRIPTS_WRITES, TRAINER_FORMATS, check_family, read_provenance
 
 IMAGE_HW = (768, 512)  # a 512 x 768 (W x H) image: a 96 x 64 (h x w) latent
 # (format, family) -> the file name of image "cat"
@@ -30,7 +30,6 @@ NAMES = {
     ("sd-scripts", "flux"): "cat_0512x0768_flux.npz",
     ("musubi", "wan"): "cat_0512x0768_wan.safetensors",
     ("musubi", "qwen-image"): "cat_0512x0768_qi.safetensors",
-    ("musubi", "flux"): "cat_0512x0768_fk.safetensors",
 }
 FLUX_SCALE, FLUX_SHIFT = 0.3611, 0.1159
 MEAN = torch.tensor(WAN_MEAN)[:, None, None]  # [16, 1, 1]
@@ -109,7 +108,7 @@ def test_sd_scripts_layout(tmp_path: Path, family: str, key: str, scaled: bool) 
 
 
 @pytest.mark.parametrize(("family", "arch", "shape"), [
-    ("wan", "wan", (16, 1, 96, 64)), ("qwen-image", "qwen_image", (16, 1, 96, 64)), ("flux", "flux_kontext", (16, 96, 64)),
+    ("wan", "wan", (16, 1, 96, 64)), ("qwen-image", "qwen_image", (16, 1, 96, 64)),
 ])  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_musubi_layout(tmp_path: Path, family: str, arch: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
@@ -145,7 +144,8 @@ def test_tables_agree_with_the_readers() -> None:
 @pytest.mark.parametrize(("fmt_name", "family", "words"), [
     ("sd-scripts", "wan", "sd-scripts has no latent cache for the wan family (--format sd-scripts writes sd1, sd2, sdxl, sd3, flux"),
     ("sd-scripts", "flux2", "no latent cache for the flux2 family"),
-    ("musubi", "sdxl", "musubi-tuner has no latent cache for the sdxl family (--format musubi writes wan, qwen-image, flux"),
+    ("musubi", "sdxl", "musubi-tuner has no latent cache for the sdxl family (--format musubi writes wan, qwen-image latents)"),
+    ("musubi", "flux", "musubi-tuner has no latent cache for the flux family"),  # Kontext caches need a control latent
     ("comfy", "sd1", "unknown trainer cache format 'comfy'; choose one of sd-scripts, musubi"),
 ])  # fmt: skip
 def test_unsupported_families_are_usage_errors(tmp_path: Path, fmt_name: str, family: str, words: str) -> None:
@@ -172,7 +172,7 @@ def test_dtypes_the_format_does_not_store_are_usage_errors(tmp_path: Path) -> No
 @pytest.mark.parametrize("fmt_name", ["sd-scripts", "musubi"])
 def test_a_latent_of_part_of_the_image_is_refused(tmp_path: Path, fmt_name: str) -> None:
     """Padding or cropping would make a cache the trainer rejects (sd-scripts) or trains on the wrong size."""
-    family = "flux"
+    family = "sd3" if fmt_name == "sd-scripts" else "wan"
     fmt = TRAINER_FORMATS[fmt_name]
     source = tmp_path / "cat.png"
     with pytest.raises(InputError) as err:
@@ -219,7 +219,7 @@ def test_a_crash_mid_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.Mo
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize(("fmt_name", "family"), [("sd-scripts", "sd3"), ("musubi", "flux")])
+@pytest.mark.parametrize(("fmt_name", "family"), [("sd-scripts", "sd3"), ("musubi", "qwen-image")])
 def test_equal_latents_give_equal_bytes(tmp_path: Path, fmt_name: str, family: str) -> None:
     a = _write(tmp_path / "a", fmt_name, family, _raw(family, 5))
     b = _write(tmp_path / "b", fmt_name, family, _raw(family, 5))
@@ -228,7 +228,20 @@ def test_equal_latents_give_equal_bytes(tmp_path: Path, fmt_name: str, family: s
 
 def test_a_model_whose_form_is_not_the_familys_is_refused(tmp_path: Path) -> None:
     """The trainers hard-code each family's scale and statistics; a model that scales otherwise cannot fill their caches."""
-    odd = dataclasses.replace(get_family("flux"), scale=0.5)
-    with pytest.raises(UsageError, match=r"differs from the flux family's \(scale\), which musubi-tuner assumes"):
-        TRAINER_FORMATS["musubi"].write(tmp_path / "x", _raw("flux"), odd, IMAGE_HW, overwrite=False)
+    odd = dataclasses.replace(get_family("wan"), scale=0.5)
+    with pytest.raises(UsageError, match=r"differs from the wan family's \(scale\), which musubi-tuner assumes"):
+        TRAINER_FORMATS["musubi"].write(tmp_path / "x", _raw("wan"), odd, IMAGE_HW, overwrite=False)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("fmt_name", "family"), [("sd-scripts", "sdxl"), ("musubi", "wan")])
+def test_provenance_is_stored_where_the_trainer_does_not_look(tmp_path: Path, fmt_name: str, family: str) -> None:
+    """A rerun of `vaetool encode --format ...` reads back what run wrote each cache; the reader still loads it."""
+    path = tmp_path / TRAINER_FORMATS[fmt_name].file_name("cat", IMAGE_HW, family)
+    TRAINER_FORMATS[fmt_name].write(path, _raw(family), get_family(family), IMAGE_HW, overwrite=False, provenance='{"seed": 3}')
+    assert read_provenance(path) == {"seed": 3}
+    (item,) = load_latents(path)
+    assert item.latent.shape[-2:] == (96, 64)
+    plain = tmp_path / "plain" / path.name
+    TRAINER_FORMATS[fmt_name].write(plain, _raw(family), get_family(family), IMAGE_HW, overwrite=False)
+    assert read_provenance(plain) is None

@@ -15,23 +15,25 @@ written here always reads back as the latent that was written. `latent` is alway
 
 from __future__ import annotations
 
+import json
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from vaetool.errors import InputError, UsageError
+from vaetool.errors import InputError, UsageError, first_line
 from vaetool.families import LatentFormat, get_family
 from vaetool.io.atomic import atomic_write
-from vaetool.io.safe import write_safetensors
+from vaetool.io.safe import safetensors_header, write_safetensors
 from vaetool.io.trainer_caches import SD_SCRIPTS_ARCHITECTURES, SD_SCRIPTS_MULTI
 
 __all__ = [
     "MUSUBI_WRITES", "SD_SCRIPTS_WRITES", "TRAINER_FORMATS", "MusubiArch", "TrainerFormat", "check_family", "dtype_name",
-    "write_npz",
+    "read_provenance", "write_npz",
 ]  # fmt: skip
 
 NPZ_DATE = (1980, 1, 1, 0, 0, 0)  # a fixed zip timestamp: equal latents give equal bytes
@@ -52,12 +54,16 @@ class MusubiArch:
     frame_axis: bool  # the tensor is [C, 1, h, w] (Wan, Qwen-Image) rather than [C, h, w] (FLUX.1 Kontext)
 
 
-# musubi-tuner: family -> the architecture its caches are written as (all store the family's scaled form)
+# musubi-tuner: family -> the architecture its caches are written as (all store the family's scaled form).
+# FLUX.1 Kontext ("flux_kontext", "fk", [C, h, w]) is read but not written: its trainer needs a control
+# latent (latents_control_*) in every cache file, which an image alone cannot give; a file it cannot train
+# on would be an output that looks right and is not.
 MUSUBI_WRITES: dict[str, MusubiArch] = {
     "wan": MusubiArch("wan", "wan", True),
     "qwen-image": MusubiArch("qwen_image", "qi", True),
-    "flux": MusubiArch("flux_kontext", "fk", False),
 }
+PROVENANCE_KEY = "provenance"  # musubi metadata key, as in vaetool's own files (vaetool.jobs.provenance)
+PROVENANCE_MEMBER = "vaetool_provenance"  # the npz member holding a vaetool cache's provenance (trainers ignore it)
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,7 @@ class TrainerFormat:
     families: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]  # the latent dtypes the format stores (the first is the default)
     namer: Callable[[str, tuple[int, int], str], str]
-    writer: Callable[[torch.Tensor, LatentFormat, tuple[int, int], torch.dtype], Callable[[Path], None]]  # -> write(temp path)
+    writer: Callable[[torch.Tensor, LatentFormat, tuple[int, int], torch.dtype, str | None], Callable[[Path], None]]  # -> write(tmp)
 
     def file_name(self, stem: str, image_hw: tuple[int, int], family: str) -> str:
         """The cache's file name for an image named `stem` (its name without suffix) of `image_hw` (H, W) pixels."""
@@ -87,12 +93,13 @@ class TrainerFormat:
         overwrite: bool,
         dtype: torch.dtype = torch.float32,
         source: Path | None = None,
+        provenance: str | None = None,
     ) -> None:
         """Write the RAW latent [C, h, w] of a whole image of `image_hw` (H, W) pixels as this format's cache, atomically.
 
         UsageError for a family or dtype the format has no cache for; InputError (naming `source`, the
         image, or else `path`) when the latent is not of the whole image; OutputExistsError when `path`
-        exists and not `overwrite`.
+        exists and not `overwrite`. `provenance` (JSON) is stored where the trainer does not look (read_provenance).
         """
         check_family(self.name, fmt.family, dtype)
         if latent.ndim != 3:
@@ -106,7 +113,7 @@ class TrainerFormat:
                 source or path,
             )
         _check_form(fmt, self.trainer)
-        content = self.writer(latent.detach().to("cpu", torch.float32), fmt, tuple(image_hw), dtype)
+        content = self.writer(latent.detach().to("cpu", torch.float32), fmt, tuple(image_hw), dtype, provenance)
         atomic_write(path, content, overwrite=overwrite)
 
 
@@ -169,7 +176,9 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
                 np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
 
 
-def _sd_scripts_content(latent: torch.Tensor, fmt: LatentFormat, image_hw: tuple[int, int], dtype: torch.dtype) -> Callable[[Path], None]:
+def _sd_scripts_content(
+    latent: torch.Tensor, fmt: LatentFormat, image_hw: tuple[int, int], dtype: torch.dtype, provenance: str | None
+) -> Callable[[Path], None]:
     family = fmt.family.lower()
     scaled = SD_SCRIPTS_ARCHITECTURES[SD_SCRIPTS_WRITES[family]][1]
     z = _stored(latent, fmt, scaled, dtype).numpy()  # [C, h, w] float32
@@ -180,6 +189,8 @@ def _sd_scripts_content(latent: torch.Tensor, fmt: LatentFormat, image_hw: tuple
         f"original_size{key}": np.array([width, height], dtype=np.int64),  # (W, H) before resizing: the image's own
         f"crop_ltrb{key}": np.array([0, 0, width, height], dtype=np.int64),  # the whole image, nothing cropped
     }
+    if provenance is not None:
+        arrays[PROVENANCE_MEMBER] = np.array([provenance])  # [1] unicode: no pickle
     return lambda tmp: write_npz(tmp, arrays)
 
 
@@ -190,7 +201,9 @@ def _musubi_name(stem: str, image_hw: tuple[int, int], family: str) -> str:
     return _size_name(stem, image_hw, MUSUBI_WRITES[family].short, ".safetensors")
 
 
-def _musubi_content(latent: torch.Tensor, fmt: LatentFormat, image_hw: tuple[int, int], dtype: torch.dtype) -> Callable[[Path], None]:
+def _musubi_content(
+    latent: torch.Tensor, fmt: LatentFormat, image_hw: tuple[int, int], dtype: torch.dtype, provenance: str | None
+) -> Callable[[Path], None]:
     arch = MUSUBI_WRITES[fmt.family.lower()]
     z = _stored(latent, fmt, True, dtype)  # [C, h, w]
     _, h, w = z.shape
@@ -199,6 +212,8 @@ def _musubi_content(latent: torch.Tensor, fmt: LatentFormat, image_hw: tuple[int
     height, width = image_hw
     # no frame_count: musubi writes it for videos only
     meta = {"architecture": arch.name, "width": str(width), "height": str(height), "format_version": MUSUBI_FORMAT_VERSION}
+    if provenance is not None:
+        meta[PROVENANCE_KEY] = provenance
     return lambda tmp: write_safetensors(tmp, {key: tensor.contiguous()}, meta)
 
 
@@ -211,3 +226,27 @@ TRAINER_FORMATS: dict[str, TrainerFormat] = {
         TrainerFormat("musubi", "musubi-tuner", ".safetensors", tuple(MUSUBI_WRITES), MUSUBI_DTYPES, _musubi_name, _musubi_content),
     )
 }
+
+
+def read_provenance(path: Path) -> Any:
+    """The provenance a cache vaetool wrote records (None: none), from the npz member or the safetensors header only."""
+    if path.suffix != ".npz":
+        _, meta = safetensors_header(path, InputError)
+        text = meta.get(PROVENANCE_KEY)
+    else:
+        text = _npz_provenance(path)
+    try:
+        return None if text is None else json.loads(text)
+    except ValueError:
+        raise InputError("corrupt provenance (not JSON)", path) from None
+
+
+def _npz_provenance(path: Path) -> str | None:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if PROVENANCE_MEMBER not in npz.files:
+                return None
+            value = npz[PROVENANCE_MEMBER]
+            return str(value[0]) if value.shape == (1,) and value.dtype.kind == "U" else "not a string"
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise InputError(f"cannot read the cache's provenance: {first_line(err)}", path) from None
