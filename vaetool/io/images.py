@@ -9,12 +9,14 @@ bound is checked first; the warning would otherwise leak from worker threads); i
 Animated PNG/WebP files are refused (use `vaetool video`). Decoding is forced in full (truncated files
 are errors, never grey padding) and every failure becomes one InputError naming the file. 16-bit
 PNGs, which Pillow would truncate to 8 bits in colour, go through png16 (interlaced ones too; 48-bit
-TIFFs still arrive with 8-bit precision through Pillow). ICC profiles are not applied. Writing is
+TIFFs still arrive with 8-bit precision through Pillow). ICC profiles are not applied. An image
+held in memory (a tar member: load_image's `data`) gets the same checks as a file. Writing is
 PNG, atomic, 8- or 16-bit, with text chunks.
 """
 
 from __future__ import annotations
 
+import io
 import re
 import warnings
 from collections.abc import Callable
@@ -99,17 +101,17 @@ MODE_DECODERS: dict[str, Callable[[Image.Image], np.ndarray]] = {
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-def _claimed_bytes(im: Image.Image, path: Path) -> int:
+def _claimed_bytes(im: Image.Image, source: Path | bytes) -> int:
     """The fewest bytes the claimed pixels take uncompressed (PNG: exact, from its header; else 1 bit a pixel)."""
     w, h = im.size
-    header = png16.read_ihdr(path) if im.format == "PNG" else None
+    header = png16.read_ihdr(source) if im.format == "PNG" else None
     if header is None:
         return w * h // 8
     depth, color = header[2], header[3]
     return h * (1 + -(-w * depth * PNG_SAMPLES.get(color, 1) // 8))
 
 
-def _check_claim(im: Image.Image, path: Path, max_pixels: int) -> None:
+def _check_claim(im: Image.Image, source: Path | bytes, path: str | Path, max_pixels: int) -> None:
     """InputError before decoding when the header claims too many pixels, or more than the file can hold."""
     w, h = im.size
     if w * h > max_pixels:
@@ -119,8 +121,8 @@ def _check_claim(im: Image.Image, path: Path, max_pixels: int) -> None:
         raise InputError(f"image has no pixels ({w} x {h})", path)
     compression = im.info.get("compression")
     ratio = MAX_RATIOS.get((str(im.format), compression))
-    size = path.stat().st_size
-    if ratio is not None and size * ratio < _claimed_bytes(im, path):
+    size = len(source) if isinstance(source, bytes) else source.stat().st_size
+    if ratio is not None and size * ratio < _claimed_bytes(im, source):
         how = f"{compression} data" if compression is not None else "its data"
         raise InputError(f"the image claims {w} x {h} pixels, more than its {size} bytes can hold ({how} expands "
                          f"at most {ratio}x): truncated, or a decompression bomb", path)
@@ -129,10 +131,10 @@ def _check_claim(im: Image.Image, path: Path, max_pixels: int) -> None:
                          "use `vaetool video encode` for animations", path)
 
 
-def _open(path: Path, max_pixels: int) -> Image.Image:
+def _open(source: Path | bytes, path: str | Path, max_pixels: int) -> Image.Image:
     """Open (header only) with Pillow, refusing non-images and oversized or impossible images before decoding."""
     try:
-        im = Image.open(path, formats=PIL_FORMATS)
+        im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=PIL_FORMATS)
     except Image.DecompressionBombError as err:
         pixels = re.search(r"\((\d+) pixels\)", str(err))
         claim = f"{int(pixels[1])} pixels" if pixels else "too many pixels"
@@ -145,7 +147,7 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise InputError(f"corrupt image header: {first_line(err)}", path) from None
     try:
-        _check_claim(im, path, max_pixels)
+        _check_claim(im, source, path, max_pixels)
     except InputError:
         im.close()
         raise
@@ -155,10 +157,10 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     return im
 
 
-def _decode_png16(path: Path, max_pixels: int) -> tuple[np.ndarray, bytes | None]:
+def _decode_png16(source: Path | bytes, path: str | Path, max_pixels: int) -> tuple[np.ndarray, bytes | None]:
     """16-bit PNG -> samples [H, W, 3 or 4] float32 in [0, 1] (tRNS key colour becomes alpha), eXIf bytes."""
     try:
-        png = png16.read_png16(path, max_pixels)
+        png = png16.read_png16(source, max_pixels)
     except png16.PngFormatError as err:
         raise InputError(err.problem, path) from None
     a = png.pixels.astype(np.float32) / 65535.0  # [H, W, C]
@@ -170,7 +172,7 @@ def _decode_png16(path: Path, max_pixels: int) -> tuple[np.ndarray, bytes | None
     return a, png.exif
 
 
-def _decode_pillow(im: Image.Image, path: Path) -> np.ndarray:
+def _decode_pillow(im: Image.Image, path: str | Path) -> np.ndarray:
     """A Pillow image (header read) -> samples [H, W, 3 or 4] float32 in [0, 1], fully decoded."""
     try:
         im.load()  # the full decode: truncated data raises here
@@ -202,22 +204,32 @@ def _orientation(source: Image.Image | bytes | None) -> int:
 def load_image(
     path: str | Path,
     *,
+    data: bytes | None = None,
     alpha: Literal["composite", "drop"] = "composite",
     background: Background = (255, 255, 255),
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> torch.Tensor:
-    """Read an image file as [3, H, W] float32 in [-1, 1], upright; InputError naming the file if unusable."""
-    path = Path(path)
-    check_utf8_name(path)
-    if not path.is_file():
-        raise InputError("is a directory, not an image" if path.is_dir() else "no such file", path)
-    if path.stat().st_size == 0:
+    """Read an image file as [3, H, W] float32 in [-1, 1], upright; InputError naming the file if unusable.
+
+    With `data` the image is decoded from those bytes (a tar member, say) with the same checks, and
+    `path` is only the name errors show (e.g. `shard.tar:key.jpg`); nothing is read from disk.
+    """
+    source: Path | bytes
+    if data is None:
+        path = source = Path(path)
+        check_utf8_name(path)
+        if not path.is_file():
+            raise InputError("is a directory, not an image" if path.is_dir() else "no such file", path)
+        size = path.stat().st_size
+    else:
+        source, size = bytes(data), len(data)
+    if size == 0:
         raise InputError("empty file (0 bytes)", path)
     exif_source: Image.Image | bytes | None
-    with _open(path, max_pixels) as im:
-        header = png16.read_ihdr(path) if im.format == "PNG" else None
+    with _open(source, path, max_pixels) as im:
+        header = png16.read_ihdr(source) if im.format == "PNG" else None
         if header is not None and header[2] == 16:  # Pillow would keep only 8 bits (interlaced or not)
-            a, exif_source = _decode_png16(path, max_pixels)
+            a, exif_source = _decode_png16(source, path, max_pixels)
         else:
             a = _decode_pillow(im, path)
             exif_source = im

@@ -85,10 +85,13 @@ def write_png16(path: str | Path, pixels: np.ndarray, text: dict[str, str] | Non
     Path(path).write_bytes(SIGNATURE + b"".join(chunks))
 
 
-def read_ihdr(path: str | Path) -> tuple[int, int, int, int, int, int, int] | None:
-    """(width, height, bit depth, colour type, compression, filter, interlace) of a PNG file, or None if it is not one."""
-    with open(path, "rb") as f:
-        head = f.read(33)
+def read_ihdr(path: str | Path | bytes) -> tuple[int, int, int, int, int, int, int] | None:
+    """(width, height, bit depth, colour type, compression, filter, interlace) of a PNG file or its bytes, or None if not a PNG."""
+    if isinstance(path, bytes):
+        head = path[:33]
+    else:
+        with open(path, "rb") as f:
+            head = f.read(33)
     if len(head) < 33 or head[:8] != SIGNATURE or head[12:16] != b"IHDR":
         return None
     return struct.unpack(">IIBBBBB", head[16:29])
@@ -200,13 +203,13 @@ def _transparent(trns: bytes | None, color: int) -> tuple[int, ...] | None:
     return struct.unpack(f">{CHANNELS[color]}H", trns)
 
 
-def read_png16(path: str | Path, max_pixels: int = MAX_PIXELS) -> Png16:
-    """Decode a 16-bit PNG (any colour type but palette, interlaced or not) to uint16 samples.
+def read_png16(path: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Png16:
+    """Decode a 16-bit PNG file or its bytes (any colour type but palette, interlaced or not) to uint16 samples.
 
     The declared size is checked against `max_pixels` and the image data is inflated no further
     than that size needs, so a small hostile file cannot make it allocate more.
     """
-    chunks = _chunks(Path(path).read_bytes())
+    chunks = _chunks(path if isinstance(path, bytes) else Path(path).read_bytes())
     if chunks[0][0] != b"IHDR" or len(chunks[0][1]) != 13:
         raise PngFormatError("corrupt PNG (no IHDR chunk first)")
     w, h, depth, color, compression, filtering, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
