@@ -118,7 +118,7 @@ def test_image_member_by_extension(tmp_path: Path) -> None:
     shard = _tar(tmp_path / "s.tar", [("a.JPG", JPG), ("a.json", b"{}"), ("b.png", PNG), ("b.jpg", JPG), ("c.txt", b"x")])
     a, b, c = _samples(shard)
     assert isinstance(a, Sample) and a.image_member == "a.JPG" and a.extras == {"json": b"{}"}
-    assert b == BadSample("b", "b.jpg", "two image members (b.png, b.jpg)")
+    assert b == BadSample("b", "b.jpg", "two image members (b.png, b.jpg)")  # fatal=False: the shard goes on
     assert c == BadSample("c", "c.txt", "no image member")
     only_png = _samples(shard, image_suffixes=(".png",))
     assert only_png[0] == BadSample("a", "a.JPG", "no image member")
@@ -159,7 +159,7 @@ def test_truncated_tar_yields_the_good_samples_then_one_bad(tmp_path: Path) -> N
     gz = _tar(tmp_path / "s.tar.gz", THREE, mode="w:gz").read_bytes()
     (tmp_path / "cut.tar.gz").write_bytes(gz[: len(gz) // 2])
     out = _samples(tmp_path / "cut.tar.gz")
-    assert isinstance(out[-1], BadSample) and out[-1].reason.startswith("truncated or corrupt tar: ")
+    assert isinstance(out[-1], BadSample) and out[-1].reason.startswith("truncated or corrupt tar: ") and out[-1].fatal
     assert all(isinstance(s, Sample) for s in out[:-1])
     (tmp_path / "junk.tar").write_bytes(b"\x01" * 2000)
     assert [type(s) for s in _samples(tmp_path / "junk.tar")] == [BadSample]
@@ -241,13 +241,14 @@ def test_pipe_shards(tmp_path: Path) -> None:
     *good, last = _samples(f"pipe:cat '{shard}'; echo boom >&2; exit 2")
     assert [s.key for s in good] == ["a", "b", "c"]
     assert last == BadSample(
-        "", f"pipe:cat '{shard}'; echo boom >&2; exit 2", f"`cat '{shard}'; echo boom >&2; exit 2` exited with status 2: boom"
+        "", f"pipe:cat '{shard}'; echo boom >&2; exit 2", f"`cat '{shard}'; echo boom >&2; exit 2` exited with status 2: boom",
+        fatal=True,  # the shard's reader failed: the caller redoes the shard
     )
     cut = tmp_path / "cut.tar"
     cut.write_bytes(shard.read_bytes()[: shard.read_bytes().index(b"c.png") + 100])  # inside c.png's header
     out = _samples(f"pipe:cat '{cut}'; exit 4")
     assert isinstance(out[0], Sample) and len(out) == 2 and isinstance(out[-1], BadSample) and out[-1].key == "b"
-    assert isinstance(out[-1], BadSample) and out[-1].reason.startswith("truncated or corrupt tar: ")
+    assert isinstance(out[-1], BadSample) and out[-1].reason.startswith("truncated or corrupt tar: ") and out[-1].fatal
     assert out[-1].reason.endswith("exited with status 4: (nothing on stderr)")
 
 

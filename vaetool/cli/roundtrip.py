@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -44,6 +45,9 @@ from vaetool.cli.common import (
 from vaetool.errors import InputError, UsageError
 from vaetool.thresholds import NO_THRESHOLDS, Thresholds
 
+if TYPE_CHECKING:
+    from vaetool.pipeline import Job
+
 NAME = "roundtrip"
 HELP = "Encode and decode images in memory: PSNR/SSIM/max diff per image, and golden-image regression runs for CI."
 
@@ -67,6 +71,14 @@ MaxDiffOpt = Annotated[int | None, typer.Option("--max-diff", min=0, max=255,
                                                 f"{_LIMITS.max_diff}).")]
 ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")]
 JunitOpt = Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML here (one test case per image) for CI.")]
+
+
+def shard_jobs(shards: list[str], out_dir: Path) -> Iterator[Job]:
+    """The samples of tar shards as round-trip jobs, read lazily: OUT/{shard name}/{key}.png."""
+    from vaetool.jobs.encode_tars import ShardRead, per_file_output, shard_output_names
+
+    for spec, name in shard_output_names(shards).items():
+        yield from ShardRead(spec, name, per_file_output(out_dir, name, ".png"))
 
 
 def command(
@@ -105,9 +117,11 @@ def command(
 ) -> None:
     """Round-trip images through the VAE and report (or check) the quality."""
     from vaetool import report, report_html
+    from vaetool.cli.encode import tar_shards
     from vaetool.io.images import IMAGE_SUFFIXES
     from vaetool.io.inputs import collect_inputs
     from vaetool.jobs import RoundtripSettings, attention_scope, build_report, prepare_output, roundtrip_files
+    from vaetool.jobs.roundtrip import roundtrip_jobs
 
     if not inputs and files_from is None:
         raise UsageError("give image files, folders or globs (or --files-from LIST)")
@@ -122,16 +136,22 @@ def command(
     settings = RoundtripSettings(output, golden, update_golden, limits, force)
     spec = model_spec(config, checkpoint, model, family, ema, device, dtype, attention, random_weights, subfolder)
     run_options(tile, tile_size, max_memory, batch_size)  # check the compute options before any work
-    files = collect_inputs(inputs or [], recursive=recursive, files_from=files_from)
-    if not files:
+    shards = tar_shards(inputs or [])
+    if shards and files_from is not None:
+        raise UsageError("give tar shards or --files-from, not both")
+    files = [] if shards else collect_inputs(inputs or [], recursive=recursive, files_from=files_from)
+    if not shards and not files:
         raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) found", " ".join(inputs or [files_from or ""]))
     for folder in (output, *(p.parent for p in (report_path, junit, html) if p is not None)):
         prepare_output(folder)  # a folder that cannot be written fails before the model loads
     vae = load(spec)
-    with Reporter(len(files), quiet=quiet, verbose=verbose, label="round trip") as reporter:
+    with Reporter(None if shards else len(files), quiet=quiet, verbose=verbose, label="round trip") as reporter:
         run = run_options(tile, tile_size, max_memory, batch_size, fail_fast=fail_fast, reporter=reporter)
         with attention_scope(spec.attention):
-            results, summary = roundtrip_files(vae, files, settings, run)
+            if shards:
+                results, summary = roundtrip_jobs(vae, shard_jobs(shards, output), settings, run)
+            else:
+                results, summary = roundtrip_files(vae, files, settings, run)
     doc = build_report(vae, results, settings, summary)
     if report_path is not None:
         report.write_json(report_path, doc)

@@ -43,14 +43,14 @@ from vaetool.io.latent_item import (
     split_batch,
     validate_latent,
 )
-from vaetool.io.safe import load_weights_only, read_safetensors, safetensors_header, write_safetensors
+from vaetool.io.safe import load_weights_only, read_safetensors, safetensors_bytes, safetensors_header, write_safetensors
 from vaetool.io.shards import load_shard, load_shard_dir
 from vaetool.io.trainer_caches import PICKLE_CACHES, SAFETENSORS_CACHES, gunzip_latent, sd_scripts_items
 from vaetool.limits import MAX_DEFLATE_RATIO
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "LATENT_SUFFIXES", "LatentItem", "check_channels", "decode_metadata",
-    "encode_metadata", "load_latents", "save_latent", "validate_latent",
+    "encode_metadata", "latent_bytes", "load_latents", "save_latent", "validate_latent",
 ]
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -59,13 +59,22 @@ NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.forma
 NPZ_METHODS = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: MAX_DEFLATE_RATIO}  # what np.savez(_compressed) write -> max expansion
 
 
-def save_latent(path: str | Path, latent: torch.Tensor, metadata: dict[str, Any], *, overwrite: bool = False) -> None:
-    """Write a latent [C, h, w] (or a batch [B, C, h, w]) as a vaetool .safetensors file, atomically."""
+def _latent_file(latent: torch.Tensor, metadata: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if latent.ndim not in (3, 4):
         raise ValueError(f"expected a latent [C, h, w] or [B, C, h, w], got {tuple(latent.shape)}")
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, **encode_metadata(metadata)}
-    tensors = {"latent": latent.detach().to("cpu").contiguous()}  # [C, h, w]
+    return {"latent": latent.detach().to("cpu").contiguous()}, header  # [C, h, w]
+
+
+def save_latent(path: str | Path, latent: torch.Tensor, metadata: dict[str, Any], *, overwrite: bool = False) -> None:
+    """Write a latent [C, h, w] (or a batch [B, C, h, w]) as a vaetool .safetensors file, atomically."""
+    tensors, header = _latent_file(latent, metadata)
     atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, header), overwrite=overwrite)
+
+
+def latent_bytes(latent: torch.Tensor, metadata: dict[str, Any]) -> bytes:
+    """The bytes of the vaetool .safetensors file save_latent would write (a tar member's content)."""
+    return safetensors_bytes(*_latent_file(latent, metadata))
 
 
 def _load_safetensors(path: Path) -> list[LatentItem]:

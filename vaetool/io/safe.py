@@ -29,7 +29,7 @@ from vaetool.io.safe_header import MAX_HEADER_BYTES, looks_like_safetensors, saf
 
 __all__ = [
     "MAX_HEADER_BYTES", "UNSAFE_GLOBAL", "load_weights_only", "looks_like_safetensors",
-    "read_safetensors", "safetensors_header", "write_safetensors",
+    "read_safetensors", "safetensors_bytes", "safetensors_header", "write_safetensors",
 ]  # fmt: skip
 
 UNSAFE_GLOBAL = re.compile(r"unsupported (?:global: )?GLOBAL (\S+)", re.IGNORECASE)  # torch's wordings vary by version
@@ -73,8 +73,8 @@ def _meta_tensor(entry: dict[str, Any], key: str, path: Path, error: type[VaeToo
     return torch.empty([int(n) for n in entry["shape"]], dtype=dtype, device="meta")
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write tensors and string metadata as a safetensors file whose bytes depend only on them.
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """Tensors and string metadata as safetensors bytes that depend only on them.
 
     The library lays out the data (sorted by dtype and name) but writes its JSON header in hash
     order, which differs from run to run; the header is rewritten with sorted keys, padded with
@@ -96,10 +96,14 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
     n = int.from_bytes(blob[:8], "little")
     header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + blob[8 + n :]
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write tensors and string metadata as a safetensors file whose bytes depend only on them (safetensors_bytes)."""
+    data = safetensors_bytes(tensors, metadata)
     with open(path, "wb") as f:
-        f.write(len(header).to_bytes(8, "little"))
-        f.write(header)
-        f.write(memoryview(blob)[8 + n :])
+        f.write(data)
 
 
 def load_weights_only(path: Path, error: type[VaeToolError], what: str = "torch file", data: bytes | None = None) -> Any:

@@ -75,6 +75,7 @@ class BadSample:
     key: str
     member: str
     reason: str
+    fatal: bool = False  # the shard itself broke here (truncated, corrupt, its command failed): the rest of it is lost
 
 
 # ---- member names ----
@@ -213,7 +214,7 @@ def _read(stream: IO[bytes], images: frozenset[str], max_bytes: int) -> Iterator
             yield group.result(images)
         return
     member = reading or (group.members[-1][0] if group is not None and group.members else "")
-    raise _Broken(BadSample(printable(group.key) if group else "", printable(member), f"truncated or corrupt tar: {problem}"))
+    raise _Broken(BadSample(printable(group.key) if group else "", printable(member), f"truncated or corrupt tar: {problem}", fatal=True))
 
 
 class _Command:
@@ -318,7 +319,8 @@ def iter_samples(
             if not yielded:
                 raise InputError(command.failure(status), shard)  # type: ignore[union-attr]
             reason = command.failure(status)  # type: ignore[union-attr]
-            broken = BadSample(broken.key, broken.member, f"{broken.reason}; {reason}") if broken else BadSample("", shard, reason)
+            broken = BadSample(broken.key if broken else "", broken.member if broken else shard,
+                               f"{broken.reason}; {reason}" if broken else reason, fatal=True)
         if broken is not None:
             yield broken
     finally:

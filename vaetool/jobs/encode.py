@@ -14,14 +14,15 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vaetool.errors import OutputError, OutputExistsError
+from vaetool.errors import InputError, UsageError
 from vaetool.jobs.common import RunOptions, engine_options, prepare_output
-from vaetool.jobs.provenance import StaleOutputs, check_output, latent_provenance, mismatch, model_provenance
-from vaetool.pipeline import AlreadyWritten, Event, Job, Loaded, LostWrites, Stages, Summary, run_pipeline
+from vaetool.jobs.provenance import model_provenance
+from vaetool.jobs.sinks import check_shards, existing_outputs, existing_trainer_outputs, latent_sink
+from vaetool.pipeline import Event, Job, Loaded, Stages, Summary, run_pipeline
 from vaetool.precision import Fp32Fallback
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ __all__ = ["LATENT_SUFFIX", "EncodeSettings", "encode_files", "encode_provenance
            "rank_and_world", "run_metadata"]
 
 LATENT_SUFFIX = ".safetensors"
+TRAINER_OUTPUTS = ("sd-scripts", "musubi")  # formats whose files a trainer reads (vaetool.io.trainer_writers)
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,17 @@ class EncodeSettings:
     overwrite: bool = False
     alpha: str = "composite"  # composite over `background`, or drop
     background: tuple[int, int, int] = (255, 255, 255)
+    format: str = "vaetool"  # OUTPUT_FORMATS: vaetool files/shards, a trainer's cache files, or webdataset tars
+
+    def __post_init__(self) -> None:
+        from vaetool.jobs.sinks import OUTPUT_FORMATS
+
+        if self.format not in OUTPUT_FORMATS:
+            raise UsageError(f"unknown output format {self.format!r} (one of: {', '.join(OUTPUT_FORMATS)})")
+        if self.format in TRAINER_OUTPUTS and self.scaled:
+            raise UsageError(f"--format {self.format} fixes the latent form the trainer reads: drop --scaled")
+        if self.format != "vaetool" and self.shard_size is not None:
+            raise UsageError(f"--shard-size writes vaetool shards; it does not go with --format {self.format}")
 
 
 def image_seed(seed: int, key: str) -> int:
@@ -90,7 +103,7 @@ def encode_provenance(vae: Vae, settings: EncodeSettings, tiling: Tiling) -> dic
         "latent_format": "scaled" if settings.scaled else "raw",
         "posterior": "sample" if settings.sample else "mode",
         "seed": settings.seed if settings.sample else None,
-    }
+    } | ({"output_format": settings.format} if settings.format != "vaetool" else {})
 
 
 def latents_of(vae: Vae, images: torch.Tensor, keys: Sequence[str], settings: EncodeSettings, run: RunOptions) -> torch.Tensor:
@@ -104,11 +117,24 @@ def latents_of(vae: Vae, images: torch.Tensor, keys: Sequence[str], settings: En
 
 
 def image_loader(settings: EncodeSettings, multiple: int, pin: bool = False) -> Callable[[Job], Loaded]:
-    """The load stage: decode an image file, pad it (replicate) to a multiple of the downscale."""
+    """The load stage: decode an image (a file, or a tar member's bytes), pad it (replicate) to a multiple of the downscale.
+
+    A trainer's cache holds the latent of the whole image at its bucket size, unpadded: for those formats an
+    image whose sides are not multiples of the downscale fails (the trainer would not find its cache usable).
+    """
     from vaetool.io.images import load_image, pad_to_multiple
 
+    unpadded = settings.format in TRAINER_OUTPUTS
+
     def load(job: Job) -> Loaded:
-        image = load_image(job.source, alpha=settings.alpha, background=settings.background)  # [3, H, W]
+        if (problem := getattr(job, "error", None)) is not None:  # a tar sample the reader could not use
+            raise InputError(problem, job.source)
+        image = load_image(job.source, data=getattr(job, "data", None), alpha=settings.alpha,
+                           background=settings.background)  # [3, H, W]
+        if unpadded and (image.shape[-2] % multiple or image.shape[-1] % multiple):
+            raise InputError(f"is {image.shape[-1]} x {image.shape[-2]} px; {settings.format} caches hold the latent of the "
+                             f"whole image at its bucket size: crop or resize it to sides that are multiples of {multiple} "
+                             "(the trainer's bucket) first", job.source)
         padded, (h, w) = pad_to_multiple(image, multiple, "replicate")  # [3, H', W']
         pad = {"mode": "replicate", "bottom": padded.shape[-2] - h, "right": padded.shape[-1] - w}
         info = {"original_size": [h, w], "padded_size": list(padded.shape[-2:]), "padding": pad}
@@ -117,121 +143,12 @@ def image_loader(settings: EncodeSettings, multiple: int, pin: bool = False) -> 
     return load
 
 
-@dataclass(frozen=True)
-class Sink:
-    """Where latents go: `write` (writer thread), `exists` (skip on resume: this run's own), `close` (write what is queued)."""
-
-    write: Callable[[Job, torch.Tensor, dict[str, Any]], Any]
-    exists: Callable[[Job], bool]
-    close: Callable[[], None]
-
-
-def existing_outputs(jobs: Sequence[Job], provenance: dict[str, Any], out_dir: Path) -> set[str]:
-    """Keys of the jobs whose output exists with this provenance; StaleOutputError when others exist (headers only)."""
-    stale, ours = StaleOutputs(), set()
-    for job in jobs:
-        output = Path(str(job.output))
-        if not output.exists():
-            continue
-        reason = check_output(output, provenance, latent_provenance)
-        if reason is None:
-            ours.add(job.key)
-        else:
-            stale.add(output, reason)
-    stale.raise_if_any(out_dir)
-    return ours
-
-
-def written_meanwhile(output: Path, provenance: dict[str, Any]) -> NoReturn:
-    """An output another process published while this one computed it: AlreadyWritten (skipped) when it is this run's."""
-    reason = check_output(output, provenance, latent_provenance)
-    if reason is None:
-        raise AlreadyWritten("written by another run")
-    raise OutputError(f"{output} was written meanwhile by another run with other settings ({reason})")
-
-
-def _file_sink(settings: EncodeSettings, base: dict[str, Any], record: Callable[..., None], skip: set[str]) -> Sink:
-    """One .safetensors per image."""
-    from vaetool.io.latents import save_latent
-
-    def write(job: Job, latent: torch.Tensor, info: dict[str, Any]) -> Path:
-        output = Path(str(job.output))
-        try:
-            save_latent(output, latent, base | info | {"source": str(job.source), "key": job.key}, overwrite=settings.overwrite)
-        except OutputExistsError:  # another process wrote it since the check (two encodes into one folder)
-            written_meanwhile(output, base["provenance"])
-        record(job, output, output.stat().st_size, info)
-        return output
-
-    return Sink(write, lambda job: job.key in skip, lambda: None)
-
-
-def check_shards(settings: EncodeSettings, provenance: dict[str, Any]) -> None:
-    """StaleOutputError when the shard index or a shard of this prefix records other settings (headers only)."""
-    from vaetool.io.shards import read_index, shard_files
-
-    stale = StaleOutputs()
-    index_path = settings.out_dir / settings.shard_index
-    index = read_index(index_path)
-    if index["items"] and (reason := mismatch(index.get("provenance"), provenance)) is not None:
-        stale.add(index_path, reason)
-    for shard in shard_files(settings.out_dir, settings.shard_prefix) if settings.out_dir.is_dir() else []:
-        if (reason := check_output(shard, provenance, latent_provenance)) is not None:
-            stale.add(shard, reason)
-    stale.raise_if_any(settings.out_dir)
-
-
-def _shard_sink(settings: EncodeSettings, base: dict[str, Any], record: Callable[..., None], skip: set[str]) -> Sink:
-    """`shard_size` latents per shard file, with an index; items count as written once their shard is on disk."""
-    from vaetool.io.shards import ShardWriteError, ShardWriter, read_index
-
-    shards = ShardWriter(settings.out_dir, int(settings.shard_size or 1), prefix=settings.shard_prefix,
-                         index_name=settings.shard_index, overwrite=settings.overwrite, provenance=base["provenance"])
-    done = shards.done_keys()
-    queued: list[tuple[Job, dict[str, Any]]] = []
-
-    def published() -> None:  # the queued items are now in a complete shard on disk
-        where = read_index(shards.index_path)["items"]
-        for job, info in queued:
-            record(job, settings.out_dir / where[job.key]["shard"], None, info)
-        queued.clear()
-
-    def write(job: Job, latent: torch.Tensor, info: dict[str, Any]) -> None:
-        queued.append((job, info))
-        try:
-            shards.add(job.key, latent, base | info | {"source": str(job.source)})
-        except ShardWriteError as err:  # the queued items, reported done, went down with the shard
-            earlier = [queued_job for queued_job, _ in queued[:-1]]
-            queued.clear()
-            raise LostWrites(err.problem, err.path, earlier) from err
-        if len(queued) >= int(settings.shard_size or 1):  # add() has written the shard
-            published()
-
-    def close() -> None:
-        shards.close()
-        published()
-
-    return Sink(write, lambda job: job.key in done, close)
-
-
-def latent_sink(settings: EncodeSettings, base: dict[str, Any], manifest: ManifestWriter | None, skip: set[str]) -> Sink:
-    """One .safetensors per image, or shards with an index (shard_size); each write is recorded in the manifest.
-
-    `skip`: keys of file outputs already there with this run's provenance (shards find theirs in the index).
-    """
-
-    def record(job: Job, output: Path, size: int | None, info: dict[str, Any]) -> None:
-        if manifest is not None:
-            manifest.record(job.source, output, "written", size=size, key=job.key, image_size=info["original_size"])
-
-    make = _file_sink if settings.shard_size is None else _shard_sink
-    return make(settings, base, record, skip)
-
-
 def image_jobs(inputs: Sequence[InputFile], settings: EncodeSettings) -> list[Job]:
     """One job per input image; its output mirrors the input tree under out_dir (none for shards)."""
     from vaetool.io.inputs import output_path
 
+    if settings.format in TRAINER_OUTPUTS:  # the output's name gets the image's size when it is known: out_dir/stem here
+        return [Job(item.rel.as_posix(), item.path, settings.out_dir / item.out_stem) for item in inputs]
     per_file = settings.shard_size is None
     return [Job(item.rel.as_posix(), item.path, output_path(item, settings.out_dir, LATENT_SUFFIX) if per_file else None)
             for item in inputs]
@@ -256,13 +173,19 @@ def encode_files(
     provenance = encode_provenance(vae, settings, run.tiling)
     jobs = image_jobs(inputs, settings)
     skip: set[str] = set()
+    if settings.format in TRAINER_OUTPUTS:
+        from vaetool.io.trainer_writers import check_family
+
+        check_family(settings.format, vae.latent_format.family)
     if not settings.overwrite:
-        if settings.shard_size is None:
+        if settings.format in TRAINER_OUTPUTS:
+            skip = existing_trainer_outputs(jobs, settings, vae.latent_format.family, provenance)
+        elif settings.shard_size is None:
             skip = existing_outputs(jobs, provenance, settings.out_dir)
         else:
             check_shards(settings, provenance)
     remove_stale_temps(settings.out_dir)  # temp files of killed runs
-    sink = latent_sink(settings, run_metadata(vae, settings) | {"provenance": provenance}, manifest, skip)
+    sink = latent_sink(settings, run_metadata(vae, settings) | {"provenance": provenance}, manifest, skip, vae.latent_format)
     if manifest is not None:
         manifest.start_run(run_settings(settings, provenance, len(jobs)))
     fallback = Fp32Fallback(vae, run.on_notice)
@@ -270,6 +193,24 @@ def encode_files(
     def compute(images: torch.Tensor, jobs: Sequence[Job]) -> torch.Tensor:
         keys = [j.key for j in jobs]
         return fallback(lambda v: latents_of(v, images, keys, settings, run))
+
+    stages = Stages(
+        load=image_loader(settings, vae.downscale, pin=vae.device.type == "cuda"),
+        compute=compute,
+        write=sink.write,
+        skip=sink.exists,
+    )
+    engine = replace(engine_options(vae, "encode", run), on_event=manifest_events(manifest, run))
+    try:
+        summary = run_pipeline(jobs, stages, engine)
+    finally:
+        sink.close()
+    summary.fp32_retries = fallback.retries
+    return summary
+
+
+def manifest_events(manifest: ManifestWriter | None, run: RunOptions) -> Callable[[Event], None]:
+    """The engine's event hook: failed and skipped jobs go to the manifest (writes record themselves), then to run.on_event."""
 
     def on_event(event: Event) -> None:
         if manifest is not None and event.kind != "done":
@@ -281,19 +222,7 @@ def encode_files(
         if run.on_event is not None:
             run.on_event(event)
 
-    stages = Stages(
-        load=image_loader(settings, vae.downscale, pin=vae.device.type == "cuda"),
-        compute=compute,
-        write=sink.write,
-        skip=sink.exists,
-    )
-    engine = replace(engine_options(vae, "encode", run), on_event=on_event)
-    try:
-        summary = run_pipeline(jobs, stages, engine)
-    finally:
-        sink.close()
-    summary.fp32_retries = fallback.retries
-    return summary
+    return on_event
 
 
 def run_settings(settings: EncodeSettings, provenance: dict[str, Any], inputs: int) -> dict[str, Any]:
@@ -309,8 +238,8 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def finish_ranks(manifest: Path, rank: int, world: int, shard_dir: Path | None = None) -> None:
-    """Under torchrun: wait for every rank (a gloo barrier); rank 0 merges the manifest parts and shard indexes."""
+def finish_ranks(manifest: Path, rank: int, world: int, shard_dir: Path | None = None, *, tar_dir: Path | None = None) -> None:
+    """Under torchrun: wait for every rank (a gloo barrier); rank 0 merges the manifest parts and the shard or tar indexes."""
     if world == 1 or "MASTER_ADDR" not in os.environ:  # plain RANK/WORLD_SIZE: the parts stay
         return
     import torch.distributed as dist
@@ -325,4 +254,8 @@ def finish_ranks(manifest: Path, rank: int, world: int, shard_dir: Path | None =
         merge_manifests(manifest)
         if shard_dir is not None:
             merge_shard_indexes(shard_dir)
+        if tar_dir is not None:
+            from vaetool.io.tar_index import merge_tar_indexes
+
+            merge_tar_indexes(tar_dir)
     dist.destroy_process_group()

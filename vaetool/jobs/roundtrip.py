@@ -11,7 +11,7 @@ OUT/heatmaps/, and `update_golden` (re)writes the goldens instead.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -171,9 +171,18 @@ def roundtrip_files(
     """Round-trip every image; results in input order (images that could not be processed carry their error)."""
     from vaetool.io.inputs import output_path
 
+    jobs = [Job(f.rel.as_posix(), f.path, output_path(f, settings.out_dir, SUFFIX)) for f in files]
+    return roundtrip_jobs(vae, jobs, settings, run)
+
+
+def roundtrip_jobs(
+    vae: Vae, jobs: Iterable[Job], settings: RoundtripSettings, run: RunOptions | None = None
+) -> tuple[list[ImageResult], Summary]:
+    """Round-trip the images of jobs (files, or tar samples read lazily); results in the order the jobs came."""
     run = run or RunOptions()
     prepare_output(settings.out_dir)  # before any image is round-tripped
     done: dict[str, ImageResult] = {}
+    order: list[tuple[str, Path]] = []  # (key, source) of every job, kept without the job (a tar sample holds its bytes)
 
     def on_event(event: Event) -> None:
         if event.kind == "done":
@@ -181,18 +190,22 @@ def roundtrip_files(
         if run.on_event is not None:
             run.on_event(event)
 
-    jobs = [Job(f.rel.as_posix(), f.path, output_path(f, settings.out_dir, SUFFIX)) for f in files]
+    def noted(source: Iterable[Job]) -> Iterator[Job]:
+        for job in source:
+            order.append((job.key, job.source))
+            yield job
+
     fallback = Fp32Fallback(vae, run.on_notice)
     engine = replace(engine_options(vae, "decode", run, latent_items=False), on_event=on_event)
-    summary = run_pipeline(jobs, roundtrip_stages(vae, settings, run, fallback), engine)
+    summary = run_pipeline(noted(jobs), roundtrip_stages(vae, settings, run, fallback), engine)
     summary.fp32_retries = fallback.retries
     failed = {f.key: f.reason for f in summary.failed}
     results = []
-    for job in jobs:
-        if job.key in done:
-            results.append(done[job.key])
-        elif job.key in failed:
-            results.append(ImageResult(job.key, job.source, error=f"{printable(job.source)}: {failed[job.key]}"))
+    for key, source in order:
+        if key in done:
+            results.append(done[key])
+        elif key in failed:
+            results.append(ImageResult(key, source, error=f"{printable(source)}: {failed[key]}"))
     return results, summary
 
 
