@@ -217,3 +217,28 @@ def test_roundtrip_reads_shards_too(runner, shards: Path, tmp_path: Path) -> Non
     assert "data-0002.tar:bad.png: corrupt image" in images["data-0002.tar/bad"]["error"]
     assert Image.open(out / "data-0001" / "s2.png").size == (40, 24)
     assert images["data-0000.tar/s0"]["vs_input"]["psnr"] > 0
+
+
+def test_decode_reads_webdataset_latent_tars_member_by_member(runner, shards: Path, tmp_path: Path) -> None:
+    lat, png, loose = tmp_path / "lat", tmp_path / "png", tmp_path / "loose"
+    spec = str(shards / "data-{0000..0001}.tar")
+    assert runner.invoke(app, ["encode", spec, "-o", str(lat), "--format", "webdataset", *MODEL]).exit_code == 0
+    members = tar_members(lat / "data-0000.tar")
+    make_shard(lat / "data-0009.tar", {  # a latent tar with a bad member among good ones
+        "good": {"latent.safetensors": members["s0.latent.safetensors"]},
+        "bad": {"latent.safetensors": b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "[:12]},
+    })  # fmt: skip
+    result = runner.invoke(app, ["decode", str(lat), "-o", str(png), *MODEL, "--json"])
+    assert result.exit_code == 1, result.output
+    summary = json.loads(result.stdout)
+    assert [f["key"] for f in summary["failed"]] == ["data-0009/bad"]
+    assert "bad.latent.safetensors" in summary["failed"][0]["reason"]
+    written = sorted(p.relative_to(png).as_posix() for p in png.rglob("*.png"))
+    assert written == ["data-0000/s0.png", "data-0000/s1.png", "data-0001/s2.png", "data-0001/s3.png", "data-0009/good.png"]
+    (loose / "s0.safetensors").parent.mkdir(parents=True)
+    (loose / "s0.safetensors").write_bytes(members["s0.latent.safetensors"])
+    assert runner.invoke(app, ["decode", str(loose / "s0.safetensors"), "-o", str(loose), *MODEL]).exit_code == 0
+    assert np.array_equal(np.asarray(Image.open(png / "data-0000" / "s0.png")), np.asarray(Image.open(loose / "s0.png")))
+    assert Image.open(png / "data-0001" / "s2.png").size == (40, 24)  # the padding recorded in the member is cropped
+    again = json.loads(runner.invoke(app, ["decode", str(lat), "-o", str(png), *MODEL, "--json"]).stdout)
+    assert (again["done"], again["skipped"]) == (0, 5)

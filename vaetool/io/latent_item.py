@@ -23,7 +23,7 @@ __all__ = [
     "decode_metadata", "encode_metadata", "listing", "split_batch", "validate_latent",
 ]
 
-LATENT_SUFFIXES: tuple[str, ...] = (".safetensors", ".latent", ".npz", ".npy", ".pt", ".pth", ".pt.gz")
+LATENT_SUFFIXES: tuple[str, ...] = (".safetensors", ".latent", ".npz", ".npy", ".pt", ".pth", ".pt.gz", ".tar")  # .tar: WebDataset
 FORMAT = "vaetool.latent"
 FORMAT_VERSION = "1"
 SHARD_FORMAT = "vaetool.shard"

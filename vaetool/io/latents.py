@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -49,8 +49,18 @@ from vaetool.io.trainer_caches import PICKLE_CACHES, SAFETENSORS_CACHES, gunzip_
 from vaetool.limits import MAX_DEFLATE_RATIO
 
 __all__ = [
-    "FORMAT", "FORMAT_VERSION", "LATENT_SUFFIXES", "LatentItem", "check_channels", "decode_metadata",
-    "encode_metadata", "latent_bytes", "load_latents", "save_latent", "validate_latent",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "LATENT_SUFFIXES",
+    "LatentItem",
+    "check_channels",
+    "decode_metadata",
+    "encode_metadata",
+    "latent_bytes",
+    "load_latents",
+    "save_latent",
+    "tar_latents",
+    "validate_latent",
 ]
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -198,6 +208,59 @@ def _load_pickle(path: Path) -> list[LatentItem]:
     return split_batch(path, path.stem, validate_latent(obj, path), info)
 
 
+TAR_MEMBER_SUFFIXES = (".safetensors", ".npy")  # latent members of a WebDataset tar (KEY.latent.safetensors, KEY.npy)
+
+
+def tar_latents(path: Path) -> Iterator[LatentItem | tuple[str, str]]:
+    """Each latent member of a WebDataset tar, read one at a time, as an item named {tar stem}/{key}; a bad one as (name, problem).
+
+    Each member goes through the loader of its kind (every check of a latent file applies) from a private temp file.
+    """
+    import tempfile
+
+    from vaetool.io.webdataset import iter_samples
+
+    stem = path.name[: -len(".tar")] if path.name.lower().endswith(".tar") else path.stem
+    with tempfile.TemporaryDirectory(prefix="vaetool-tar-") as tmp:
+        try:
+            yield from _tar_members(iter_samples(str(path), image_suffixes=TAR_MEMBER_SUFFIXES), stem, Path(tmp), path)
+        except InputError as err:  # the tar cannot be opened at all
+            yield stem, err.problem
+
+
+def _tar_members(samples: Iterator[Any], stem: str, tmp: Path, path: Path) -> Iterator[LatentItem | tuple[str, str]]:
+    """The items of tar samples (their latent member loaded from a temp file in `tmp`), or (name, problem)."""
+    from vaetool.io.webdataset import BadSample
+
+    for sample in samples:
+        name = f"{stem}/{sample.key}"
+        if isinstance(sample, BadSample):
+            yield name, (f"{sample.member}: " if sample.member else "") + sample.reason
+            continue
+        member = tmp / ("m" + Path(sample.image_member).suffix.lower())  # m.safetensors or m.npy
+        member.write_bytes(sample.image)
+        try:
+            items = LOADERS[member.suffix](member)
+        except (InputError, OSError) as err:
+            yield name, f"{sample.image_member}: {getattr(err, 'problem', None) or err}"
+            continue
+        finally:
+            member.unlink(missing_ok=True)
+        for item in items:  # "m", or "m_0", "m_1" for a batch
+            yield LatentItem(name + item.name[1:], item.latent, item.metadata, path)
+
+
+def _load_tar(path: Path) -> list[LatentItem]:
+    items = []
+    for item in tar_latents(path):
+        if isinstance(item, tuple):
+            raise InputError(f"member {item[0]}: {item[1]}", path)
+        items.append(item)
+    if not items:
+        raise InputError("no latent members (KEY.latent.safetensors, KEY.npy) in this tar", path)
+    return items
+
+
 LOADERS: dict[str, Callable[[Path], list[LatentItem]]] = {
     ".safetensors": _load_safetensors,
     ".sft": _load_safetensors,
@@ -207,6 +270,7 @@ LOADERS: dict[str, Callable[[Path], list[LatentItem]]] = {
     ".pt": _load_pickle,
     ".pth": _load_pickle,
     ".pt.gz": _load_pickle,
+    ".tar": _load_tar,
 }
 
 

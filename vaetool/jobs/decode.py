@@ -110,6 +110,11 @@ def original_size(meta: dict[str, Any]) -> tuple[int, int] | None:
     return None
 
 
+def is_tar(path: Path) -> bool:
+    """A WebDataset tar of latents (decoded member by member into a folder named after it)."""
+    return path.name.lower().endswith(".tar")
+
+
 def item_name(f: InputFile, item: LatentItem) -> str:
     """The latent's name, with its file's suffix kept when another input shares the stem (a.safetensors, a.npy:
     a.safetensors, a.npy; a batch a.npy: a.npy_0, a.npy_1, ...)."""
@@ -129,16 +134,19 @@ def item_output(out_dir: Path, rel: PurePath, item: LatentItem, name: str | None
 
 def jobs_from_files(files: Sequence[InputFile], out_dir: Path) -> Iterator[DecodeJob]:
     """Read each latent file (lazily, in order) into one job per latent; unreadable files become failed jobs."""
-    from vaetool.io.latents import load_latents
+    from vaetool.io.latents import load_latents, tar_latents
 
     taken: dict[Path, str] = {}
     for f in files:
         try:
-            items = load_latents(f.path)
+            items = tar_latents(f.path) if is_tar(f.path) else load_latents(f.path)
         except VaeToolError as err:
             yield DecodeJob(f.rel.as_posix(), f.path, None, error=err.problem)
             continue
         for item in items:
+            if isinstance(item, tuple):  # a bad member of a tar: it fails alone
+                yield DecodeJob((f.rel.parent / item[0]).as_posix(), f.path, None, error=item[1])
+                continue
             name = item_name(f, item)
             key = (f.rel.parent / name).as_posix()
             try:
@@ -168,17 +176,19 @@ def existing_pngs(files: Sequence[InputFile], settings: DecodeSettings, base: di
 
     Only files whose output folder holds PNGs are read (a second read on a resume; none on a fresh run).
     """
-    from vaetool.io.latents import load_latents
+    from vaetool.io.latents import load_latents, tar_latents
 
     stale, ours, folders = StaleOutputs(), set(), {}
     for f in files:
         folder = settings.out_dir / f.rel.parent
+        if is_tar(f.path):  # its PNGs are in a folder named after it
+            folder = folder / f.path.name[: -len(".tar")]
         if folder not in folders:
             folders[folder] = folder.is_dir() and any(folder.glob(f"*{SUFFIX}"))
         if not folders[folder]:
             continue
         try:
-            items = load_latents(f.path)
+            items = [i for i in tar_latents(f.path) if isinstance(i, LatentItem)] if is_tar(f.path) else load_latents(f.path)
         except VaeToolError:
             continue  # the run reports it
         for item in items:
