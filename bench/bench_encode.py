@@ -94,9 +94,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main() -> None:
-    """Run the benchmark and print images/s of the command and of the model, and their ratio."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def encode_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options the encode benchmarks share: model, device, dtype, image count, batch size, workers, repeats."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-f8")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
@@ -104,6 +104,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="best of N for each measurement (alternating which runs first)")
+    return parser
+
+
+def main() -> None:
+    """Run the benchmark and print images/s of the command and of the model, and their ratio."""
+    parser = encode_parser(__doc__)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"

@@ -27,7 +27,7 @@ import torch
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_encode import make_images, model_seconds
+from bench_encode import encode_parser, make_images, model_seconds
 
 from vaetool.cli import app
 
@@ -58,11 +58,10 @@ def command_seconds(inputs: str, out: Path, args: argparse.Namespace, *extra: st
 
 def write_rates(tmp: Path, count: int) -> dict[str, float]:
     """Latents written per second by each format's writer (no model): files, tar members, npz, musubi."""
-    from vaetool.io.webdataset import TarWriter
-
     from vaetool.families import get_family
     from vaetool.io.latents import latent_bytes, save_latent
     from vaetool.io.trainer_writers import TRAINER_FORMATS
+    from vaetool.io.webdataset import TarWriter
 
     meta = {"family": "sdxl", "original_size": [256, 256], "provenance": {"config": "bench"}}
     lat4, lat16 = torch.randn(4, 32, 32), torch.randn(16, 32, 32)  # [C, h, w]
@@ -91,15 +90,8 @@ def write_rates(tmp: Path, count: int) -> dict[str, float]:
 
 def main() -> None:
     """Run the benchmark and print images/s of the model, the folder and the shard runs, and the writers' rates."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny-f8")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--images", type=int, default=64)
+    parser = encode_parser(__doc__)
     parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--writes", type=int, default=500, help="latents written per format in the writer measurement")
     args = parser.parse_args()
     runs: dict[str, list[float]] = {"model": [], "folder": [], "shards": []}

@@ -150,6 +150,13 @@ def test_pipe_shards_and_per_file_output_with_captions(runner, shards: Path, tmp
     assert item.latent.shape == (4, 4, 4) and item.metadata["key"] == "data-0000.tar/s0"
     again = json.loads(runner.invoke(app, ["encode", spec, "-o", str(out), *MODEL, "--json"]).stdout)
     assert (again["done"], again["shards_skipped"]) == (0, 1)
+    json.loads((out / "shards.json").read_text())  # the record that made it skip
+    (out / "shards.json").unlink()  # without it the shard is read again: its files are found and skipped one by one
+    third = json.loads(runner.invoke(app, ["encode", spec, "-o", str(out), *MODEL, "--json"]).stdout)
+    assert (third["done"], third["skipped"], third["shards_done"]) == (0, 2, 1)
+    (out / "shards.json").unlink()
+    stale = runner.invoke(app, ["encode", spec, "-o", str(out), *MODEL, "--sample"])
+    assert stale.exit_code == 2 and "s0.safetensors" in stale.output and "posterior" in stale.output  # before any work
     failing = runner.invoke(app, ["encode", f"pipe:cat {tmp_path / 'gone.tar'}", "-o", str(tmp_path / "o2"), *MODEL, "--json"])
     assert failing.exit_code == 1, failing.output
     assert "No such file" in json.dumps(json.loads(failing.stdout)["failed"])  # named, counted as failed

@@ -45,7 +45,7 @@ from vaetool.jobs.encode import (
     run_metadata,
 )  # fmt: skip
 from vaetool.jobs.provenance import StaleOutputs, check_output, latent_provenance, mismatch
-from vaetool.jobs.sinks import Sink, latent_sink, trainer_glob, trainer_provenance, written_meanwhile
+from vaetool.jobs.sinks import Sink, latent_sink, trainer_glob, trainer_provenance
 from vaetool.pipeline import Failure, Job, Stages, Summary, run_pipeline
 from vaetool.precision import Fp32Fallback
 
@@ -238,29 +238,45 @@ def _with_sidecars(sink: Sink, settings: EncodeSettings) -> Sink:
     return replace(sink, write=write)
 
 
-def _existing_files(settings: EncodeSettings, folder: Path, family: str, provenance: dict[str, Any]) -> Callable[[Job], bool]:
-    """Skip test for one shard's per-file outputs: this run's are skipped, another run's stop the run (StaleOutputError)."""
+def _outputs_of(settings: EncodeSettings, job: Job, family: str) -> tuple[list[Path], Callable[[Path], Any]]:
+    """The per-file outputs already there for a sample job, and the reader of their provenance."""
     from vaetool.io.trainer_writers import TRAINER_FORMATS
 
+    output = Path(str(job.output))
+    if settings.format in TRAINER_OUTPUTS:
+        return trainer_glob(TRAINER_FORMATS[settings.format], output, family), trainer_provenance
+    return ([output] if output.exists() else []), latent_provenance
+
+
+def _existing_files(settings: EncodeSettings, family: str, provenance: dict[str, Any]) -> Callable[[Job], bool]:
+    """Skip test for per-file outputs: True when the sample's output is there with this run's provenance.
+
+    Another run's output (other settings) is not skipped: the write then fails that sample, naming the file
+    (check_folders has stopped the run before any work for those already there when it started).
+    """
+
     def ours(job: Job) -> bool:
-        if job.output is None or not folder.is_dir():
+        if job.output is None or settings.overwrite:
             return False
-        if settings.format in TRAINER_OUTPUTS:
-            found = trainer_glob(TRAINER_FORMATS[settings.format], Path(str(job.output)), family)
-            read = trainer_provenance
-        else:
-            found = [Path(str(job.output))] if Path(str(job.output)).exists() else []
-            read = latent_provenance
-        if not found:
-            return False
-        if settings.overwrite:
-            return False
-        for output in found:
-            if check_output(output, provenance, read) is not None:
-                written_meanwhile(output, provenance, read)  # OutputError naming the other settings
-        return True
+        found, read = _outputs_of(settings, job, family)
+        return bool(found) and all(check_output(output, provenance, read) is None for output in found)
 
     return ours
+
+
+def check_folders(settings: EncodeSettings, names: dict[str, str], provenance: dict[str, Any]) -> None:
+    """StaleOutputError, before any work, when a shard's output folder holds per-file outputs of other settings."""
+    from vaetool.io.trainer_writers import TRAINER_FORMATS
+
+    suffix = TRAINER_FORMATS[settings.format].suffix if settings.format in TRAINER_OUTPUTS else LATENT_SUFFIX
+    read = trainer_provenance if settings.format in TRAINER_OUTPUTS else latent_provenance
+    stale = StaleOutputs()
+    for name in names.values():
+        folder = settings.out_dir / name.removesuffix(".tar")
+        for output in sorted(folder.rglob(f"*{suffix}")) if folder.is_dir() else []:
+            if (reason := check_output(output, provenance, read)) is not None:
+                stale.add(output, reason)
+    stale.raise_if_any(settings.out_dir)
 
 
 def _add(s: Summary, part: Summary) -> None:
@@ -303,6 +319,8 @@ def encode_tar_shards(
     index = read_tar_index(index_path)
     indexes = {path: read_tar_index(path) for path in {settings.out_dir / "shards.json", index_path}}  # merged, and this rank's
     done = set() if settings.overwrite else _finished(settings, names, indexes, provenance)
+    if settings.format != "webdataset" and not settings.overwrite:
+        check_folders(settings, {spec: name for spec, name in names.items() if spec not in done}, provenance)
     remove_stale_temps(settings.out_dir)
     index["provenance"] = provenance
     base = run_metadata(vae, settings) | {"provenance": provenance}
@@ -328,8 +346,7 @@ def encode_tar_shards(
             sink = Sink(tar.write, lambda job: False, lambda: None)
         else:
             sink = _with_sidecars(latent_sink(settings, base, manifest, set(), vae.latent_format), settings)
-            sink = replace(sink, exists=_existing_files(settings, settings.out_dir / name.removesuffix(".tar"),
-                                                        vae.latent_format.family, provenance))
+            sink = replace(sink, exists=_existing_files(settings, vae.latent_format.family, provenance))
         stages = Stages(load=load, compute=compute, write=sink.write, skip=sink.exists)
         try:
             suffix = {"webdataset": None, "vaetool": LATENT_SUFFIX}.get(settings.format, "")  # trainers: the stem, named at write
