@@ -1,9 +1,10 @@
 """`vaetool decode` of ComfyUI files of the 2025 families (Wan 2.1 / Qwen-Image 5-D latents, Flux.2's patchified
 128-channel and raw 32-channel latents), written by hand as ComfyUI's SaveLatent does, against decoding vaetool's own
-latent file of the same image."""
+latent file of the same image; and `--preview TAESD`, against the same TAESD loaded through the API."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,9 +16,14 @@ from cli_helpers import noise_png
 from PIL import Image
 from torch import nn
 
+from vaetool.api import load_vae
 from vaetool.cli import app
 from vaetool.config import instantiate_from_config, load_vae_config
-from vaetool.io.images import read_png_text
+from vaetool.families import get_family
+from vaetool.io.images import read_png_text, to_uint8
+from vaetool.io.latents import save_latent
+from vaetool.jobs.preview import PREVIEW_CONFIGS
+from vaetool.nn.taesd import PARENTS
 
 MARKER = {"latent_format_version_0": torch.tensor([])}
 
@@ -118,3 +124,80 @@ def test_flux2_comfyui_latents_of_either_channel_count_decode_as_upstream(runner
     assert read_png_text(tmp_path / "got" / "c128.png")["vaetool.latent_form"] == "scaled"
     result = _run(runner, "decode", str(comfy / "c128.latent"), "-o", str(tmp_path / "wan"), "-m", "tiny-wan")
     assert result.exit_code == 1 and "has 128 channels but the model (wan) takes 16" in result.stderr
+
+
+def _diffusers_key(key: str) -> str:
+    """An original TAESD key in AutoencoderTiny's layout: encoder.N -> encoder.layers.N, decoder.N -> decoder.layers.N-1."""
+    coder, index, rest = key.split(".", 2)
+    return f"{coder}.layers.{int(index) - (coder == 'decoder')}.{rest}"
+
+
+@pytest.fixture(scope="module")
+def taesd(tmp_path_factory: pytest.TempPathFactory, perturb: Callable[..., nn.Module]) -> Path:
+    """A random tiny TAESD (tiny-taesd's architecture, distilled for sd1) as a checkpoint file, in diffusers' layout."""
+    torch.manual_seed(0)
+    model = perturb(instantiate_from_config(load_vae_config("tiny-taesd").model), seed=4)
+    sd = {_diffusers_key(k): v.contiguous() for k, v in model.state_dict().items()}
+    path = tmp_path_factory.mktemp("taesd") / "taesd.safetensors"
+    safetensors.torch.save_file(sd, str(path))
+    return path
+
+
+def test_preview_decodes_with_the_taesd_and_says_so(runner, tmp_path: Path, taesd: Path) -> None:
+    assert load_vae_config("tiny-f8").latent_format.family == load_vae_config("tiny-taesd").latent_format.family == "sd1"
+    lat, out = tmp_path / "lat", tmp_path / "out"
+    raw = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(5))
+    save_latent(lat / "own.safetensors", get_family("sd1").to_scaled(raw), {"scaled": True, "family": "sd1"})
+    _comfy(lat / "comfy.latent", raw[None] * 0.5)
+    result = _run(runner, "decode", str(lat), "-o", str(out), "-m", "tiny-f8", "--preview", str(taesd))
+    assert result.exit_code == 0, result.output
+    vae = load_vae(checkpoint=taesd, family="sd1")  # the same TAESD through the API
+    assert type(vae.model).__name__ == "TAESD" and vae.source["layout"] == "diffusers"
+    for name, z in (("own", raw), ("comfy", raw * 0.5)):
+        assert np.array_equal(_pixels(out / f"{name}.png"), to_uint8(vae.decode(z[None])[0]).astype(int)), name
+    text = read_png_text(out / "own.png")
+    provenance = json.loads(text["vaetool.provenance"])
+    assert provenance["preview"] is True and provenance["checkpoint_sha256"] == vae.source["sha256"]
+    assert "TAESD" in text["vaetool.preview"] and json.loads(text["vaetool.model"])["checkpoint"] == str(taesd)
+    full = _run(runner, "decode", str(lat), "-o", str(out), "-m", "tiny-f8")  # never mistaken for the full decode
+    assert full.exit_code == 2 and "another run with other settings" in full.stderr
+    rerun = runner.invoke(app, ["decode", str(lat), "-o", str(out), "--family", "sd2", "--preview", str(taesd), "--json"])
+    summary = json.loads(rerun.stdout)
+    assert rerun.exit_code == 0 and (summary["done"], summary["skipped"], summary["preview"]) == (0, 2, True)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["-m", "tiny-wan"],
+            "--preview: family wan has no TAESD preview decoder; the families with one: sd1 (taesd), sd2 (taesd), "
+            "sdxl (taesdxl), sd3 (taesd3), flux (taef1)",
+        ),
+        (["-m", "tiny-flux2"], "family flux2 has no TAESD preview decoder"),
+        ([], "--preview needs the latents' family: name the full model with -m/--config"),
+        (["-m", "tiny-f8", "--checkpoint", "vae.safetensors", "--ema"], "leave out --checkpoint, --ema"),
+        (["-m", "tiny-f8-16ch"], "--preview: a sd3 TAESD has 16 latent channels, not 4"),
+        (["--family", "sdxl", "FULL"], "--preview takes a TAESD checkpoint (taef1, taesd, taesd3, taesdxl); this is a full VAE"),
+    ],
+)
+def test_preview_usage_errors(runner, tmp_path: Path, taesd: Path, args: list[str], message: str) -> None:
+    lat = tmp_path / "a.safetensors"
+    save_latent(lat, torch.zeros(4, 2, 2), {"scaled": False})
+    preview = str(taesd)
+    if "FULL" in args:
+        args = args[:-1]
+        preview = str(tmp_path / "full.safetensors")
+        full = load_vae("tiny-f8").model.state_dict()
+        safetensors.torch.save_file({k: v.contiguous() for k, v in full.items()}, preview)
+    result = runner.invoke(app, ["decode", str(lat), "-o", str(tmp_path / "out"), "--preview", preview, *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not any((tmp_path / "out").glob("*.png"))
+
+
+def test_every_taesd_family_has_its_shipped_config() -> None:
+    assert set(PREVIEW_CONFIGS) == set(PARENTS)
+    for family, name in PREVIEW_CONFIGS.items():
+        declared, want = load_vae_config(name).latent_format, get_family(family)
+        assert (declared.channels, declared.scale, declared.shift) == (want.channels, want.scale, want.shift), family

@@ -9,7 +9,8 @@ file: the form ComfyUI's VAE gives, raw, or for Flux.2 the patchified normalised
 decoded in batches of equal size (tiled when asked or needed), cropped to the recorded original
 size, and written as a PNG with its provenance in text chunks, atomically. A rerun skips a PNG only
 when its recorded provenance (model, dtype, tiling, bits, the source latent's sha256 and form) is
-this run's; other existing PNGs stop the run before any work (vaetool.jobs.provenance).
+this run's; other existing PNGs stop the run before any work (vaetool.jobs.provenance). A preview
+run (a TAESD standing in for the full decoder, settings.preview) records so in each PNG's provenance.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class DecodeSettings:
     bits: int = 8
     overwrite: bool = False
     family: str | None = None  # the user's --family: the family of trainer caches that do not record one
+    preview: bool = False  # the model is a TAESD preview decoder standing in for the full VAE (recorded in each PNG)
 
 
 @dataclass(frozen=True)
@@ -174,8 +176,9 @@ def jobs_from_files(files: Sequence[InputFile], out_dir: Path) -> Iterator[Decod
 
 
 def decode_provenance(vae: Vae, settings: DecodeSettings, tiling: Tiling) -> dict[str, Any]:
-    """What every PNG of a run records (each adds its source latent's sha256 and form): model fields and bits."""
-    return model_provenance(vae, tiling) | {"bits": settings.bits}
+    """What every PNG of a run records (each adds its source latent's sha256 and form): model fields and bits
+    (and `preview: true` for a TAESD preview run)."""
+    return model_provenance(vae, tiling) | {"bits": settings.bits} | ({"preview": True} if settings.preview else {})
 
 
 def item_provenance(base: dict[str, Any], item: LatentItem, settings: DecodeSettings, hashes: SourceHashes) -> dict[str, Any]:
@@ -242,6 +245,8 @@ def decode_stages(vae: Vae, settings: DecodeSettings, run: RunOptions, fallback:
                    "is ignored for files that record their form")
         provenance = item_provenance(base, comfy_form(job.item, vae.latent_format), settings, hashes)  # as existing_pngs does
         extra = {"vaetool.latent_form": form, PNG_KEY: json.dumps(provenance, sort_keys=True)}
+        if settings.preview:
+            extra["vaetool.preview"] = "TAESD preview decoder, not the full VAE"
         text = png_text(vae, f"{job.source}" + ("" if item.name == job.source.stem else f" [{item.name}]"), **extra)
         return Loaded(raw, {"size": original_size(item.metadata), "text": text, "provenance": provenance})
 
