@@ -189,7 +189,7 @@ def load_vae(
     if vcfg is not None and loaded is not None and "diffusers_config" in loaded.origin:
         raise ConfigError("a diffusers folder brings its own config.json: give it without --config/--model "
                           "(--family names the family)", loaded.origin["diffusers_config"])
-    model_cfg = vcfg.model if vcfg is not None else loaded.config
+    model_cfg = with_family(vcfg.model if vcfg is not None else loaded.config, family)
     if loaded is not None:  # built on the meta device: no initialisation, the checkpoint's tensors become the weights
         with torch.device("meta"):
             model = instantiate_from_config(model_cfg)
@@ -223,6 +223,14 @@ def load_vae(
     if note is not None:
         source["notes"] = [note]
     return Vae(model=model, latent_format=fmt, source=source, parts=parts).to(device, dtype)
+
+
+def with_family(model_cfg: dict[str, Any], family: str | None) -> dict[str, Any]:
+    """A model config whose `params.family` is left unset (a TAESD read from its keys) with `family` filled in."""
+    params = model_cfg.get("params")
+    if family is None or not isinstance(params, dict) or "family" not in params or params["family"] is not None:
+        return model_cfg
+    return {**model_cfg, "params": {**params, "family": family.lower()}}
 
 
 def _check_loaded(model: torch.nn.Module, unloaded: str | None) -> None:

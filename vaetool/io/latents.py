@@ -1,6 +1,7 @@
 """Latent files: vaetool's own .safetensors (single and sharded), ComfyUI .latent, .npy, weights-only
 .pt/.pth and the trainers' caches (sd-scripts .npz, musubi-tuner .safetensors, SimpleTuner .pt/.pt.gz,
 OneTrainer .pt: vaetool.io.trainer_caches), all read into LatentItems [C, h, w] float32 with their metadata.
+ComfyUI's 5-D latents of the video models (Wan 2.1 / Qwen-Image, [B, C, T, h, w]) are images when T = 1.
 
 Metadata keys every loader may set (the commands read them): "scaled" (bool: the tensor is in
 the diffusion model's scaled space), "source_format" (where it came from), plus whatever the
@@ -87,6 +88,18 @@ def latent_bytes(latent: torch.Tensor, metadata: dict[str, Any]) -> bytes:
     return safetensors_bytes(*_latent_file(latent, metadata))
 
 
+def comfy_image_latent(tensor: Any, path: Path) -> Any:
+    """A ComfyUI latent as images: the video models' 5-D [B, C, T, h, w] (Wan 2.1 / Qwen-Image images are T = 1)
+    loses its T axis; a video (T > 1) is an InputError naming the file; other shapes pass unchanged."""
+    shape = tuple(getattr(tensor, "shape", ()))
+    if len(shape) != 5:
+        return tensor
+    if shape[2] != 1:
+        raise InputError(f"a video latent {list(shape)} ({shape[2]} latent frames): `vaetool decode` takes image latents "
+                         "(1 frame), and `vaetool video decode` does not read ComfyUI video latents yet", path)
+    return tensor[:, :, 0]  # [B, C, h, w]
+
+
 def _load_safetensors(path: Path) -> list[LatentItem]:
     header, meta = safetensors_header(path, InputError)
     fmt = meta.get("format")
@@ -96,7 +109,8 @@ def _load_safetensors(path: Path) -> list[LatentItem]:
         tensor = validate_latent(read_safetensors(path, InputError, ["latent"])["latent"], path)
         return split_batch(path, path.stem, tensor, decode_metadata(meta, path))
     if "latent_tensor" in header:  # ComfyUI SaveLatent
-        tensor = validate_latent(read_safetensors(path, InputError, ["latent_tensor"])["latent_tensor"], path)
+        tensor = comfy_image_latent(read_safetensors(path, InputError, ["latent_tensor"])["latent_tensor"], path)
+        tensor = validate_latent(tensor, path)
         info: dict[str, Any] = {"source_format": "comfyui", "scaled": False}
         if COMFY_MARKER not in header:
             tensor = tensor / COMFY_LEGACY_SCALE  # legacy files hold raw * 0.18215 whatever the model
@@ -202,9 +216,10 @@ def _load_pickle(path: Path) -> list[LatentItem]:
         if key is None:
             raise InputError(f"no latent tensor inside (keys: {listing(obj)}; expected one of "
                              f"{', '.join(TENSOR_KEYS)})", path)
+        obj = obj[key]
         if key == "samples":  # ComfyUI's LATENT dict: raw latents
             info |= {"source_format": "comfyui", "scaled": False}
-        obj = obj[key]
+            obj = comfy_image_latent(obj, path)
     return split_batch(path, path.stem, validate_latent(obj, path), info)
 
 

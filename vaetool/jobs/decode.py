@@ -3,12 +3,14 @@
 Inputs are vaetool .safetensors (single or sharded), ComfyUI .latent, .npy, weights-only .pt files
 and the trainers' caches (sd-scripts, musubi-tuner, SimpleTuner, OneTrainer); a batch inside one
 file becomes name_0.png, name_1.png, ... Each latent is turned to raw form with the scale/shift its
-file records (a trainer cache: its format's form, the family from the file or --family; else
+file records (a trainer cache: its format's form, the family from the file or --family; a ComfyUI
+file: the form ComfyUI's VAE gives, raw, or for Flux.2 the patchified normalised 128 channels; else
 `scaled` with the model's family),
 decoded in batches of equal size (tiled when asked or needed), cropped to the recorded original
 size, and written as a PNG with its provenance in text chunks, atomically. A rerun skips a PNG only
 when its recorded provenance (model, dtype, tiling, bits, the source latent's sha256 and form) is
-this run's; other existing PNGs stop the run before any work (vaetool.jobs.provenance).
+this run's; other existing PNGs stop the run before any work (vaetool.jobs.provenance). A preview
+run (a TAESD standing in for the full decoder, settings.preview) records so in each PNG's provenance.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class DecodeSettings:
     bits: int = 8
     overwrite: bool = False
     family: str | None = None  # the user's --family: the family of trainer caches that do not record one
+    preview: bool = False  # the model is a TAESD preview decoder standing in for the full VAE (recorded in each PNG)
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,25 @@ def recorded_format(meta: dict[str, Any], fallback: LatentFormat, path: Path) ->
         except ValueError:
             pass  # an unknown family name: the model's own format
     return fallback
+
+
+def comfy_form(item: LatentItem, fmt: LatentFormat) -> LatentItem:
+    """A ComfyUI latent marked in the form ComfyUI's VAE gives it: raw, except that for a patchified family (Flux.2)
+    it gives the patchified, normalised latent (vaetool's scaled form), which a file with those channels holds."""
+    if item.metadata.get("source_format") != "comfyui" or fmt.patch == 1 or item.channels != fmt.scaled_channels:
+        return item
+    return replace(item, metadata={**item.metadata, "scaled": True})
+
+
+def check_form_channels(item: LatentItem, form: str, vae: Vae) -> None:
+    """InputError naming the file when the latent's channels are not those of the form it is read in (raw: the model's;
+    scaled: those of the recorded form, which a patchified family multiplies: Flux.2's 32 raw are 128 scaled)."""
+    from vaetool.io.latents import check_channels
+
+    fmt = vae.latent_format
+    expected = fmt.channels if form == "raw" else recorded_format(item.metadata, fmt, item.source).scaled_channels
+    both = f", {form} form" if fmt.scaled_channels != fmt.channels else ""  # say the form where the forms differ
+    check_channels(item, expected, f"the model ({fmt.family}{both})")
 
 
 def latent_form(item: LatentItem, scaled_flag: bool | None) -> str:
@@ -162,8 +184,9 @@ def jobs_from_files(files: Sequence[InputFile], out_dir: Path) -> Iterator[Decod
 
 
 def decode_provenance(vae: Vae, settings: DecodeSettings, tiling: Tiling) -> dict[str, Any]:
-    """What every PNG of a run records (each adds its source latent's sha256 and form): model fields and bits."""
-    return model_provenance(vae, tiling) | {"bits": settings.bits}
+    """What every PNG of a run records (each adds its source latent's sha256 and form): model fields and bits
+    (and `preview: true` for a TAESD preview run)."""
+    return model_provenance(vae, tiling) | {"bits": settings.bits} | ({"preview": True} if settings.preview else {})
 
 
 def item_provenance(base: dict[str, Any], item: LatentItem, settings: DecodeSettings, hashes: SourceHashes) -> dict[str, Any]:
@@ -171,7 +194,8 @@ def item_provenance(base: dict[str, Any], item: LatentItem, settings: DecodeSett
     return base | {"source_sha256": hashes(item.source), "latent_form": latent_form(item, settings.scaled)}
 
 
-def existing_pngs(files: Sequence[InputFile], settings: DecodeSettings, base: dict[str, Any], hashes: SourceHashes) -> set[Path]:
+def existing_pngs(files: Sequence[InputFile], settings: DecodeSettings, base: dict[str, Any], hashes: SourceHashes,
+                  fmt: LatentFormat) -> set[Path]:
     """The outputs already there with this run's provenance; StaleOutputError when others are there.
 
     Only files whose output folder holds PNGs are read (a second read on a resume; none on a fresh run).
@@ -198,7 +222,7 @@ def existing_pngs(files: Sequence[InputFile], settings: DecodeSettings, base: di
                 continue
             if not output.exists():
                 continue
-            reason = check_output(output, item_provenance(base, item, settings, hashes), png_provenance)
+            reason = check_output(output, item_provenance(base, comfy_form(item, fmt), settings, hashes), png_provenance)
             if reason is None:
                 ours.add(output)
             else:
@@ -211,11 +235,8 @@ def decode_stages(vae: Vae, settings: DecodeSettings, run: RunOptions, fallback:
                   hashes: SourceHashes) -> Stages[DecodeJob]:
     """load: check and unscale one latent; compute: decode a batch; write: crop and save one PNG (skip: this run's PNGs)."""
     from vaetool.io.images import crop_to, save_png
-    from vaetool.io.latents import check_channels
     from vaetool.io.trainer_caches import settle_form
 
-    channels = vae.latent_format.channels
-    model_name = f"the model ({vae.latent_format.family})"
     ignored: set[str] = set()
     base = decode_provenance(vae, settings, run.tiling)
     notice: Callable[[str], None] = run.on_notice or (lambda message: None)
@@ -223,18 +244,20 @@ def decode_stages(vae: Vae, settings: DecodeSettings, run: RunOptions, fallback:
     def load(job: DecodeJob) -> Loaded:
         if job.error is not None or job.item is None:
             raise InputError(job.error or "nothing to decode", job.source)
-        item = job.item
-        check_channels(item, channels, model_name)
+        item = comfy_form(job.item, vae.latent_format)
         item = replace(item, metadata=settle_form(item.metadata, settings.family, vae.latent_format.family, item.source))
+        check_form_channels(item, latent_form(item, settings.scaled), vae)
         raw, form = to_raw(item, vae, settings.scaled)
         said = file_says_scaled(item.metadata)
         if settings.scaled is not None and said is not None and said != settings.scaled and form not in ignored:
             ignored.add(form)
             notice(f"{job.source}: the file says its latents are {form}; --{'scaled' if settings.scaled else 'raw'} "
                    "is ignored for files that record their form")
-        provenance = item_provenance(base, job.item, settings, hashes)  # as existing_pngs computes it
-        text = png_text(vae, f"{job.source}" + ("" if item.name == job.source.stem else f" [{item.name}]"),
-                        **{"vaetool.latent_form": form, PNG_KEY: json.dumps(provenance, sort_keys=True)})
+        provenance = item_provenance(base, comfy_form(job.item, vae.latent_format), settings, hashes)  # as existing_pngs does
+        extra = {"vaetool.latent_form": form, PNG_KEY: json.dumps(provenance, sort_keys=True)}
+        if settings.preview:
+            extra["vaetool.preview"] = "TAESD preview decoder, not the full VAE"
+        text = png_text(vae, f"{job.source}" + ("" if item.name == job.source.stem else f" [{item.name}]"), **extra)
         return Loaded(raw, {"size": original_size(item.metadata), "text": text, "provenance": provenance})
 
     def compute(z: torch.Tensor, jobs: Sequence[DecodeJob]) -> torch.Tensor:
@@ -276,7 +299,8 @@ def decode_files(vae: Vae, files: Sequence[InputFile], settings: DecodeSettings,
     run = run or RunOptions()
     prepare_output(settings.out_dir)  # before any latent is decoded
     hashes = SourceHashes()
-    skip = set() if settings.overwrite else existing_pngs(files, settings, decode_provenance(vae, settings, run.tiling), hashes)
+    base = decode_provenance(vae, settings, run.tiling)
+    skip = set() if settings.overwrite else existing_pngs(files, settings, base, hashes, vae.latent_format)
     remove_stale_temps(settings.out_dir)  # temp files of killed runs
     fallback = Fp32Fallback(vae, run.on_notice)
     stages = decode_stages(vae, settings, run, fallback, skip, hashes)
