@@ -168,6 +168,7 @@ def test_pipe_shards_and_per_file_output_with_captions(runner, shards: Path, tmp
     (["{tars}", "--format", "sd-scripts", "--scaled"], "drop --scaled"),
     (["{tars}", "--format", "webdataset", "--shard-size", "2"], "--shard-size"),
     (["{tars}", "--format", "tarball"], "tarball"),
+    (["{tars}", "--shard-size", "2"], "tar shards keep theirs"),
     (["in/data-{3..1}.tar"], "data-{3..1}.tar"),
 ])  # fmt: skip
 def test_usage_errors(runner, shards: Path, tmp_path: Path, args: list[str], problem: str) -> None:

@@ -152,6 +152,8 @@ def command(
     shards = tar_shards(inputs or [])
     if shards and files_from is not None:
         raise UsageError("give tar shards or --files-from, not both")
+    if shards and shard_size is not None:
+        raise UsageError("--shard-size groups image files into shards; tar shards keep theirs (--format webdataset: one tar per input tar)")
     if not shards and out_format is OutFormat.webdataset:
         raise UsageError("--format webdataset writes one tar per input tar shard: give shards (data-{0000..0099}.tar)")
     found = [] if shards else collect_inputs(inputs or [], recursive=recursive, files_from=files_from)
