@@ -55,7 +55,8 @@ ActionArg = Annotated[Action, typer.Argument(help="encode (video -> latents), de
                                                   case_sensitive=False)]
 InputArg = Annotated[Path, typer.Argument(metavar="INPUT", help="A folder of frames, a .gif/.webp/.png animation or a video file "
                                           "(encode, roundtrip); a latent file (decode).")]
-OutputsOpt = Annotated[list[Path], typer.Option("--output", "-o", help="encode: a .safetensors file. decode/roundtrip: a folder "
+OutputsOpt = Annotated[list[Path], typer.Option("--output", "-o", help="encode: a .safetensors file (Wan / Qwen-Image: one "
+                                                "whole-clip latent [1, C, T', h, w]). decode/roundtrip: a folder "
                                                 "(PNG frames), .gif, .webp, or .mp4/.webm/.mov/.mkv (video extra); repeat for several.")]
 FpsOpt = Annotated[float | None, typer.Option("--fps", min=0.001, help="Frame rate (default: the input's; 8 for frame folders).",
                                               rich_help_panel=PANEL)]

@@ -96,7 +96,7 @@ def comfy_image_latent(tensor: Any, path: Path) -> Any:
         return tensor
     if shape[2] != 1:
         raise InputError(f"a video latent {list(shape)} ({shape[2]} latent frames): `vaetool decode` takes image latents "
-                         "(1 frame), and `vaetool video decode` does not read ComfyUI video latents yet", path)
+                         "(1 frame): decode it with `vaetool video decode`", path)
     return tensor[:, :, 0]  # [B, C, h, w]
 
 

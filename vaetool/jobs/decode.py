@@ -157,10 +157,12 @@ def item_output(out_dir: Path, rel: PurePath, item: LatentItem, name: str | None
 def jobs_from_files(files: Sequence[InputFile], out_dir: Path) -> Iterator[DecodeJob]:
     """Read each latent file (lazily, in order) into one job per latent; unreadable files become failed jobs."""
     from vaetool.io.latents import load_latents, tar_latents
+    from vaetool.video.causal import refuse_in_image_decode
 
     taken: dict[Path, str] = {}
     for f in files:
         try:
+            refuse_in_image_decode(f.path)  # a whole-clip video latent (Wan): `vaetool video decode`
             items = tar_latents(f.path) if is_tar(f.path) else load_latents(f.path)
         except VaeToolError as err:
             yield DecodeJob(f.rel.as_posix(), f.path, None, error=err.problem)

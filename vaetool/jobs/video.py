@@ -1,15 +1,17 @@
 """Video jobs: a frame folder, animation or video file -> one latent file [T, C, h, w] (encode), that
 file -> PNG frames, .gif/.webp or a video file (decode), or both without writing the latents
-(roundtrip). Every output is published only when complete, or none is."""
+(roundtrip). Every output is published only when complete, or none is. A causal video VAE (Wan
+2.1, Qwen-Image) codes the whole clip as one latent [1, C, T', h, w] instead (vaetool.jobs.video_causal)."""
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numpy as np
 import torch
 
 from vaetool.errors import InputError, OutputError, OutputExistsError, UsageError
@@ -20,7 +22,9 @@ if TYPE_CHECKING:
     from vaetool.api import Vae
     from vaetool.video.coding import DecodePlan
 
-__all__ = ["LATENT_SUFFIX", "VideoAction", "VideoSettings", "check_chunking", "check_input", "check_outputs", "run_video"]
+__all__ = [
+    "LATENT_SUFFIX", "VideoAction", "VideoSettings", "check_chunking", "check_input", "check_outputs", "run_video", "write_frames",
+]
 
 LATENT_SUFFIX = ".safetensors"
 
@@ -134,17 +138,15 @@ def encode_clip(vae: Vae, path: Path, settings: VideoSettings, fallback: Fp32Fal
     return Clip(latents, info.fps, size, scaled)
 
 
-def decode_clip(vae: Vae, clip: Clip, outputs: list[Path], plan: DecodePlan, fallback: Fp32Fallback, *, overwrite: bool,
-                source: Path) -> None:
-    """Decode and feed every writer; all outputs are published at the end or none is."""
-    from vaetool.video.coding import decode_video
+def write_frames(outputs: list[Path], frames: Iterable[np.ndarray], *, fps: float, count: int, overwrite: bool) -> None:
+    """Feed uint8 frames [H, W, 3] (a lazy iterator: decoding starts after the writers open) to a writer per output;
+    all outputs are published at the end or none is."""
     from vaetool.video.writers import FrameWriter, open_writer
 
     writers: list[FrameWriter] = []
     try:
         for out in outputs:
-            writers.append(open_writer(out, fps=clip.fps, frames=clip.latents.shape[0], overwrite=overwrite))
-        frames = decode_video(vae, clip.latents, plan, scaled=clip.scaled, size=clip.size, fallback=fallback, source=source)
+            writers.append(open_writer(out, fps=fps, frames=count, overwrite=overwrite))
         for frame in frames:  # [H, W, 3] uint8
             for writer in writers:
                 writer.add(frame)
@@ -154,6 +156,15 @@ def decode_clip(vae: Vae, clip: Clip, outputs: list[Path], plan: DecodePlan, fal
         for writer in writers:
             writer.abort()
         raise
+
+
+def decode_clip(vae: Vae, clip: Clip, outputs: list[Path], plan: DecodePlan, fallback: Fp32Fallback, *, overwrite: bool,
+                source: Path) -> None:
+    """Decode and feed every writer; all outputs are published at the end or none is."""
+    from vaetool.video.coding import decode_video
+
+    frames = decode_video(vae, clip.latents, plan, scaled=clip.scaled, size=clip.size, fallback=fallback, source=source)
+    write_frames(outputs, frames, fps=clip.fps, count=clip.latents.shape[0], overwrite=overwrite)
 
 
 def run_video(
@@ -166,6 +177,7 @@ def run_video(
 
     `notice` hears notes (a frame-by-frame decode, the first fp32 redo), `warn` hears warnings.
     """
+    from vaetool.video.causal import causal_header, is_causal_vae
     from vaetool.video.coding import is_temporal, plan_decode
     from vaetool.video.store import save_video_latents, video_metadata
 
@@ -174,6 +186,13 @@ def run_video(
     check_outputs(action, outputs, settings.overwrite)
     summary: dict[str, Any] = {"mode": action.value, "input": str(input_path), "outputs": [str(o) for o in outputs]}
     fallback = Fp32Fallback(vae, notice)
+    causal = causal_header(input_path) is not None if action is VideoAction.decode else is_causal_vae(vae)
+    if causal:  # the model codes the whole clip (Wan), or the file holds such a clip
+        from vaetool.jobs.video_causal import run_causal
+
+        summary |= run_causal(action, vae, input_path, outputs, settings, fallback, notice, warn)
+        summary["fp32_retries"] = fallback.retries
+        return summary
     if action is VideoAction.decode:
         clip = read_clip(vae, input_path, settings.fps, warn)
     else:

@@ -1,6 +1,6 @@
 """Latents of a video on disk: one vaetool .safetensors holding [T, C, h, w] and what it takes to play it back.
 
-Metadata (vaetool.io.latents conventions: strings, JSON for the rest): kind "video", fps, frames,
+Metadata (vaetool.io.latents conventions: strings, JSON for the rest): kind "video", layout "TCHW", fps, frames,
 original_size [H, W] (before padding to the downscale), family, latent_format raw|scaled, scale,
 shift, channels, downscale, config, checkpoint_sha256, source (the input's name), vaetool_version.
 """
@@ -30,6 +30,7 @@ def video_metadata(vae: Vae, *, fps: float, frames: int, size: tuple[int, int], 
     extra = {"random_weights": True} if vae.source.get("random_weights") else {}
     return extra | {
         "kind": VIDEO_KIND,
+        "layout": "TCHW",  # per-frame latents; whole-clip latents of a causal video VAE are "BCTHW" (vaetool.video.causal)
         "fps": float(fps),
         "frames": int(frames),
         "original_size": [int(size[0]), int(size[1])],

@@ -1,0 +1,136 @@
+"""Video jobs of a causal video VAE (Wan 2.1, Qwen-Image): the whole clip is one latent [1, C, T', h, w].
+
+vaetool.jobs.video sends a job here when the model codes time itself (encode, roundtrip) or the
+input is a whole-clip latent file (decode); vaetool.video.causal does the coding and the file.
+Clips of a length other than 1 + 4k are padded by repeating the last frame; decode gives back
+exactly the recorded frame count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+
+from vaetool.errors import InputError
+from vaetool.families import LatentFormat
+from vaetool.precision import Fp32Fallback
+
+if TYPE_CHECKING:
+    from vaetool.api import Vae
+    from vaetool.jobs.video import VideoAction, VideoSettings
+
+__all__ = ["CausalClip", "run_causal"]
+
+
+class CausalClip(NamedTuple):
+    """A clip's latent [1, C, T', h, w], its real frame count and how to play it back."""
+
+    latents: torch.Tensor
+    frames: int
+    fps: float
+    size: tuple[int, int]  # (H, W) of the frames
+    scaled: bool
+    fmt: LatentFormat  # the form scaled latents are in (the file's recorded one, else the model's)
+
+
+def _ignored(settings: VideoSettings) -> list[str]:
+    """The options given that a causal video VAE does not use."""
+    tiling = settings.tiling
+    given = {
+        "--chunk-frames": settings.chunk_frames is not None,
+        "--overlap": settings.overlap is not None,
+        "--batch-size": settings.batch_size is not None,
+        f"--tile {tiling.mode}": tiling.mode in ("exact", "fast"),
+        "--tile-size": tiling.tile_size is not None,
+        "--max-memory": tiling.max_memory is not None,
+    }
+    return [name for name, on in given.items() if on]
+
+
+def read_causal(vae: Vae, path: Path, fps: float | None, warn: Callable[[str], None]) -> CausalClip:
+    """A whole-clip latent file, checked against the model."""
+    from vaetool.jobs.decode import recorded_format
+    from vaetool.video.causal import load_causal
+    from vaetool.video.frames import DEFAULT_FPS
+    from vaetool.video.store import is_scaled, original_size
+
+    found = load_causal(path, int(vae.model.time_downscale))
+    meta, scaled = found.metadata, is_scaled(found.metadata)
+    fmt = recorded_format(meta, vae.latent_format, path) if scaled else vae.latent_format
+    channels = fmt.scaled_channels if scaled else vae.latent_format.channels
+    if found.latents.shape[1] != channels:
+        raise InputError(
+            f"latents have {found.latents.shape[1]} channels but the model takes {channels}; wrong --model/--config for this file?", path
+        )
+    if meta.get("family") not in (None, "unknown", vae.latent_format.family):
+        warn(f"the latents were encoded for family {meta['family']}, the model is {vae.latent_format.family}")
+    rate = fps or float(meta.get("fps") or DEFAULT_FPS)
+    return CausalClip(found.latents, found.frames, rate, original_size(meta, found.latents, vae.downscale, path), scaled, fmt)
+
+
+def encode_clip(
+    vae: Vae, path: Path, settings: VideoSettings, fallback: Fp32Fallback, notice: Callable[[str], None], *, scaled: bool
+) -> CausalClip:
+    """A frame folder, animation or video file, encoded as one clip."""
+    from vaetool.video.causal import encode_causal
+    from vaetool.video.frames import open_frames
+
+    info, frames = open_frames(path, fps=settings.fps, resize=settings.resize)
+    latents, count, size = encode_causal(vae, frames, scaled=scaled, fallback=fallback, source=path, notice=notice)
+    return CausalClip(latents, count, info.fps, size, scaled, vae.latent_format)
+
+
+def run_causal(
+    action: VideoAction,
+    vae: Vae,
+    input_path: Path,
+    outputs: list[Path],
+    settings: VideoSettings,
+    fallback: Fp32Fallback,
+    notice: Callable[[str], None],
+    warn: Callable[[str], None],
+) -> dict[str, Any]:
+    """Run a video job on a causal video VAE; returns the summary's fields (frames, fps, size, latent shape, ...)."""
+    from vaetool.jobs.video import VideoAction, write_frames
+    from vaetool.video.causal import causal_metadata, decode_causal, is_causal_vae, padded_frames, save_causal
+    from vaetool.video.store import video_metadata
+
+    if not is_causal_vae(vae):
+        raise InputError(
+            f"a whole-clip video latent [1, C, T', h, w] needs a causal video VAE (wan, qwen-image), "
+            f"not {vae.latent_format.family}; wrong --model/--config for this file?",
+            input_path,
+        )
+    if ignored := _ignored(settings):
+        notice(
+            f"{', '.join(ignored)}: not used by a causal video VAE, which decodes one latent frame at a time "
+            "through its causal cache (whole frames, no tiling)"
+        )
+    factor = int(vae.model.time_downscale)
+    if action is VideoAction.decode:
+        clip = read_causal(vae, input_path, settings.fps, warn)
+    else:
+        clip = encode_clip(vae, input_path, settings, fallback, notice, scaled=settings.scaled and action is VideoAction.encode)
+    shape = list(clip.latents.shape)  # [1, C, T', h, w]
+    summary: dict[str, Any] = {
+        "frames": clip.frames,
+        "fps": clip.fps,
+        "size": list(clip.size),
+        "latent_shape": shape,
+        "layout": "BCTHW",
+        "time_downscale": factor,
+        "padded_frames": padded_frames(clip.frames, factor),
+    }
+    if action is VideoAction.encode:
+        base = video_metadata(vae, fps=clip.fps, frames=clip.frames, size=clip.size, scaled=clip.scaled, source=input_path.name)
+        meta = causal_metadata(base, vae.latent_format, frames=clip.frames, latent_frames=shape[2], factor=factor)
+        save_causal(outputs[0], clip.latents, meta, overwrite=settings.overwrite)
+        return summary
+    frames = decode_causal(
+        vae, clip.latents, frames=clip.frames, size=clip.size, scaled=clip.scaled, fmt=clip.fmt, fallback=fallback, source=input_path
+    )
+    write_frames(outputs, frames, fps=clip.fps, count=clip.frames, overwrite=settings.overwrite)
+    return summary | {"temporal": True, "chunk_frames": factor, "overlap": 0, "tile_mode": "off", "tile": None}
