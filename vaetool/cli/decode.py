@@ -46,7 +46,8 @@ NAME = "decode"
 HELP = ("Decode latent files (vaetool, ComfyUI .latent, .npy, .pt, WebDataset .tar; sd-scripts, musubi-tuner, SimpleTuner "
         "and OneTrainer caches) to PNG images.")
 
-InputsArg = Annotated[list[str] | None, typer.Argument(help="Latent files, folders (shard folders too), WebDataset latent tars or quoted globs.",
+InputsArg = Annotated[list[str] | None, typer.Argument(
+    help="Latent files, folders (shard folders too), WebDataset latent tars or quoted globs.",
                                                       show_default=False)]
 PreviewOpt = Annotated[
     str | None,

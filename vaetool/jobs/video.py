@@ -6,12 +6,11 @@ file -> PNG frames, .gif/.webp or a video file (decode), or both without writing
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
 import torch
 
 from vaetool.errors import InputError, OutputError, OutputExistsError, UsageError
@@ -23,7 +22,7 @@ if TYPE_CHECKING:
     from vaetool.video.coding import DecodePlan
 
 __all__ = [
-    "LATENT_SUFFIX", "VideoAction", "VideoSettings", "check_chunking", "check_input", "check_outputs", "run_video", "write_frames",
+    "LATENT_SUFFIX", "VideoAction", "VideoSettings", "check_chunking", "check_input", "check_outputs", "run_video",
 ]
 
 LATENT_SUFFIX = ".safetensors"
@@ -138,30 +137,11 @@ def encode_clip(vae: Vae, path: Path, settings: VideoSettings, fallback: Fp32Fal
     return Clip(latents, info.fps, size, scaled)
 
 
-def write_frames(outputs: list[Path], frames: Iterable[np.ndarray], *, fps: float, count: int, overwrite: bool) -> None:
-    """Feed uint8 frames [H, W, 3] (a lazy iterator: decoding starts after the writers open) to a writer per output;
-    all outputs are published at the end or none is."""
-    from vaetool.video.writers import FrameWriter, open_writer
-
-    writers: list[FrameWriter] = []
-    try:
-        for out in outputs:
-            writers.append(open_writer(out, fps=fps, frames=count, overwrite=overwrite))
-        for frame in frames:  # [H, W, 3] uint8
-            for writer in writers:
-                writer.add(frame)
-        for writer in writers:
-            writer.commit()
-    except BaseException:
-        for writer in writers:
-            writer.abort()
-        raise
-
-
 def decode_clip(vae: Vae, clip: Clip, outputs: list[Path], plan: DecodePlan, fallback: Fp32Fallback, *, overwrite: bool,
                 source: Path) -> None:
     """Decode and feed every writer; all outputs are published at the end or none is."""
     from vaetool.video.coding import decode_video
+    from vaetool.video.writers import write_frames
 
     frames = decode_video(vae, clip.latents, plan, scaled=clip.scaled, size=clip.size, fallback=fallback, source=source)
     write_frames(outputs, frames, fps=clip.fps, count=clip.latents.shape[0], overwrite=overwrite)

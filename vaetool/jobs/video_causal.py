@@ -94,9 +94,9 @@ def run_causal(
     warn: Callable[[str], None],
 ) -> dict[str, Any]:
     """Run a video job on a causal video VAE; returns the summary's fields (frames, fps, size, latent shape, ...)."""
-    from vaetool.jobs.video import VideoAction, write_frames
     from vaetool.video.causal import causal_metadata, decode_causal, is_causal_vae, padded_frames, save_causal
     from vaetool.video.store import video_metadata
+    from vaetool.video.writers import write_frames
 
     if not is_causal_vae(vae):
         raise InputError(
@@ -110,10 +110,10 @@ def run_causal(
             "through its causal cache (whole frames, no tiling)"
         )
     factor = int(vae.model.time_downscale)
-    if action is VideoAction.decode:
+    if action.value == "decode":
         clip = read_causal(vae, input_path, settings.fps, warn)
     else:
-        clip = encode_clip(vae, input_path, settings, fallback, notice, scaled=settings.scaled and action is VideoAction.encode)
+        clip = encode_clip(vae, input_path, settings, fallback, notice, scaled=settings.scaled and action.value == "encode")
     shape = list(clip.latents.shape)  # [1, C, T', h, w]
     summary: dict[str, Any] = {
         "frames": clip.frames,
@@ -124,7 +124,7 @@ def run_causal(
         "time_downscale": factor,
         "padded_frames": padded_frames(clip.frames, factor),
     }
-    if action is VideoAction.encode:
+    if action.value == "encode":
         base = video_metadata(vae, fps=clip.fps, frames=clip.frames, size=clip.size, scaled=clip.scaled, source=input_path.name)
         meta = causal_metadata(base, vae.latent_format, frames=clip.frames, latent_frames=shape[2], factor=factor)
         save_causal(outputs[0], clip.latents, meta, overwrite=settings.overwrite)

@@ -12,7 +12,7 @@ import contextlib
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,7 +24,7 @@ from vaetool.errors import OutputError, OutputExistsError
 from vaetool.io.atomic import atomic_write, temp_path
 from vaetool.video.frames import require_av
 
-__all__ = ["FrameWriter", "check_output", "open_writer", "output_kind"]
+__all__ = ["FrameWriter", "check_output", "open_writer", "output_kind", "write_frames"]
 
 IMAGE_ONLY_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # suffix -> (container format, codec, codec options) for PyAV
@@ -227,3 +227,21 @@ def check_output(path: str | Path, *, overwrite: bool = False) -> str:
     if kind == "video":
         require_av(path, "write", OutputError)
     return kind
+
+
+def write_frames(outputs: list[Path], frames: Iterable[np.ndarray], *, fps: float, count: int, overwrite: bool) -> None:
+    """Feed uint8 frames [H, W, 3] (a lazy iterator: decoding starts after the writers open) to a writer per output;
+    all outputs are published at the end or none is."""
+    writers: list[FrameWriter] = []
+    try:
+        for out in outputs:
+            writers.append(open_writer(out, fps=fps, frames=count, overwrite=overwrite))
+        for frame in frames:  # [H, W, 3] uint8
+            for writer in writers:
+                writer.add(frame)
+        for writer in writers:
+            writer.commit()
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
