@@ -37,9 +37,9 @@ StepCost = Callable[[Step, tuple[int, int], int, int, dict[str, Any]], tuple[int
 
 
 # Decode holds a few weight-sized temporaries the chain does not count (oneDNN's reordered weights, the phase
-# upsample's kernels), and its RSS varies between runs (Flux.2 at 128 px: 260-278 MiB in 3 runs). Fitted as a
+# upsample's kernels), and its RSS varies between runs (Flux.2 at 128 px: 260-278 MiB in 5 runs). Fitted as a
 # constant plus a multiple of the largest conv's weights (elements) so that every measured decode at 128-512 px
-# lies at 1.0-1.15 of the estimate (bench/calibrate_memory.py; TAESD at 128 px: 1.00-1.17, its spread is 16 %).
+# lies at 1.0-1.15 of the estimate (bench/calibrate_memory.py; TAESD at 128 px: 1.01-1.17, its spread is 15 %).
 DECODE_OVERHEAD = (512 * 1024, 1.45)
 
 

@@ -107,11 +107,7 @@ def _wan_resample(p: Program, m: Resample, x: str) -> str:
     return p.add(WindowOp(x, p.slot(), _down(conv)))
 
 
-WAN_BLOCKS: dict[type, Callable[[Program, nn.Module, str], str]] = {
-    ResidualBlock: _wan_residual,
-    AttentionBlock: _wan_attention,
-    Resample: _wan_resample,  # type: ignore[dict-item]
-}
+WAN_BLOCKS: dict[type, Callable[..., str]] = {ResidualBlock: _wan_residual, AttentionBlock: _wan_attention, Resample: _wan_resample}
 
 
 def _wan_blocks(p: Program, blocks: nn.Module, x: str) -> str:
@@ -235,10 +231,10 @@ def taesd_decoder_program(model: TAESD, frames: int = 1) -> Program:
     return p
 
 
-PROGRAMS: dict[type, tuple[Callable[[nn.Module], Program], Callable[[nn.Module, int], Program]]] = {
-    WanVAE: (wan_encoder_program, wan_decoder_program),  # type: ignore[dict-item]
-    Flux2Autoencoder: (flux2_encoder_program, flux2_decoder_program),  # type: ignore[dict-item]
-    TAESD: (taesd_encoder_program, taesd_decoder_program),  # type: ignore[dict-item]
+PROGRAMS: dict[type, tuple[Callable[..., Program], Callable[..., Program]]] = {
+    WanVAE: (wan_encoder_program, wan_decoder_program),
+    Flux2Autoencoder: (flux2_encoder_program, flux2_decoder_program),
+    TAESD: (taesd_encoder_program, taesd_decoder_program),
 }
 
 
