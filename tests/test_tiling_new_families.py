@@ -135,7 +135,7 @@ def test_estimates_grow_with_size_and_batch(config: str, op: str) -> None:
     assert tiles == sorted(tiles) and tiles[-1] < sizes[-1], tiles
 
 
-def test_wan_1024_plan_tiles_within_4gib_and_names_the_smallest_budget() -> None:
+def test_wan_1024_plan_tiles_under_half_its_untiled_estimate_and_names_the_smallest_budget() -> None:
     untiled = memory.estimate_peak("wan", "decode", 1024, 1024)
     plan = memory.plan("wan", "decode", 1024, 1024, max_memory=untiled // 2)
     assert not plan.fits_untiled and plan.tile is not None and plan.estimate <= untiled // 2
