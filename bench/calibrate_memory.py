@@ -8,6 +8,8 @@ RSS growth during the call plus the weights and the input, which were resident b
 
     python bench/calibrate_memory.py                       # tiny-f8 and sd1, 128..768 px
     python bench/calibrate_memory.py --configs sd1 --sizes 256 512 --attention basic
+    python bench/calibrate_memory.py --configs wan flux2 taesd --sizes 128 256 512
+    python bench/calibrate_memory.py --configs wan --ops decode --sizes 512 --tile fast:128   # a tiled run vs estimate_tile_peak
 """
 
 from __future__ import annotations
@@ -23,9 +25,18 @@ import torch
 from vaetool import memory
 from vaetool.memory_estimate import SAFETY
 from vaetool.nn.attention import use_attention
+from vaetool.tiling import Tiling
 
 
-def measure_point(config: str, op: str, size: int, attention: str, batch: int = 1) -> dict[str, Any]:
+def _tiling(tile: str | None) -> Tiling:
+    """`MODE:SIZE` (e.g. fast:128) as a Tiling; None: untiled."""
+    if tile is None:
+        return Tiling("off")
+    mode, size = tile.split(":")
+    return Tiling(mode, int(size))
+
+
+def measure_point(config: str, op: str, size: int, attention: str, batch: int = 1, tile: str | None = None) -> dict[str, Any]:
     """Measure one (config, op, size) in this process; returns bytes measured and resident before."""
     from vaetool.api import load_vae
 
@@ -37,7 +48,12 @@ def measure_point(config: str, op: str, size: int, attention: str, batch: int = 
         shape = (batch, 3, px, px) if op == "encode" else (batch, vae.model.embed_dim, px // f, px // f)
         return torch.randn(shape)
 
-    run = {"encode": vae.moments, "decode": vae.decode}[op]
+    fn = {"encode": vae.moments, "decode": vae.decode}[op]
+    tiling = _tiling(tile)
+
+    def run(x: torch.Tensor) -> object:
+        return fn(x, tiling=tiling)
+
     with use_attention(attention):
         run(data(64))  # warm-up: oneDNN kernels, thread pools
         x = data(size)
@@ -47,9 +63,12 @@ def measure_point(config: str, op: str, size: int, attention: str, batch: int = 
             "grown": grown, "resident": weights + x.numel() * x.element_size()}  # fmt: skip
 
 
-def run_point(config: str, op: str, size: int, attention: str, batch: int = 1, timeout: float = 600) -> dict[str, Any]:
+def run_point(
+    config: str, op: str, size: int, attention: str, batch: int = 1, timeout: float = 600, tile: str | None = None
+) -> dict[str, Any]:
     """Measure one point in a fresh subprocess (the RSS high-water mark is per process)."""
     cmd = [sys.executable, __file__, "--point", config, op, str(size), "--attention", attention, "--batch", str(batch)]
+    cmd += [] if tile is None else ["--tile", tile]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -62,22 +81,28 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=[128, 256, 512, 768])
     parser.add_argument("--attention", default="sdpa")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--tile", help="MODE:SIZE, e.g. fast:128: measure tiled runs against estimate_tile_peak")
     parser.add_argument("--point", nargs=3, metavar=("CONFIG", "OP", "SIZE"))
     args = parser.parse_args()
     if args.point:
         config, op, size = args.point
-        print(json.dumps(measure_point(config, op, int(size), args.attention, args.batch)))
+        print(json.dumps(measure_point(config, op, int(size), args.attention, args.batch, args.tile)))
         return
-    print("| config | op | px | batch | measured MiB | estimate MiB | estimate / measured | without SAFETY |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| config | op | px | batch | tiles | measured MiB | estimate MiB | estimate / measured | without SAFETY |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for config in args.configs:
         for op in args.ops:
             for size in args.sizes:
-                point = run_point(config, op, size, args.attention, args.batch)
+                point = run_point(config, op, size, args.attention, args.batch, tile=args.tile)
                 measured = point["grown"] + point["resident"]
-                est = memory.estimate_peak(config, op, size, size, args.batch, attention=args.attention)
+                if args.tile is None:
+                    est = memory.estimate_peak(config, op, size, size, args.batch, attention=args.attention)
+                else:
+                    tiles = _tiling(args.tile)
+                    est = memory.estimate_tile_peak(config, op, tiles.tile_size, args.batch, mode=tiles.mode,  # type: ignore[arg-type]
+                                                    height=size, width=size, attention=args.attention)  # fmt: skip
                 print(
-                    f"| {config} | {op} | {size} | {args.batch} | {measured / 2**20:.1f} | {est / 2**20:.1f} "
+                    f"| {config} | {op} | {size} | {args.batch} | {args.tile or 'off'} | {measured / 2**20:.1f} | {est / 2**20:.1f} "
                     f"| {est / measured:.3f} | {est / SAFETY / measured:.3f} |",
                     flush=True,
                 )

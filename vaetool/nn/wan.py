@@ -135,7 +135,8 @@ class Resample(nn.Module):
         return x
 
 
-def _run(layers: nn.Module, x: torch.Tensor, cache: FrameCache | None) -> torch.Tensor:
+def _run(layers: Sequence[nn.Module], x: torch.Tensor, cache: FrameCache | None) -> torch.Tensor:
+    """Run the layers in order; pass a fresh tensor and keep no reference, so each input is freed after its layer."""
     for layer in layers:
         x = layer(x, cache)
     return x
@@ -176,8 +177,7 @@ class Encoder3d(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
         """Video chunk [B, 3, T, H, W] -> [B, z_dim, t, H/f, W/f]."""
-        h = self.conv1(x, cache)  # [B, dim, T, H, W]
-        h = _run(self.middle, _run(self.downsamples, h, cache), cache)
+        h = _run([*self.downsamples, *self.middle], self.conv1(x, cache), cache)  # conv1's output freed after its block
         return _head(self.head, h, cache)
 
 
@@ -217,8 +217,8 @@ class Decoder3d(nn.Module):
 
     def forward(self, z: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
         """Latent chunk [B, z_dim, t, h, w] -> [B, 3, T, h*f, w*f]."""
-        h = _run(self.middle, self.conv1(z, cache), cache)  # [B, C, t, h, w]
-        return _head(self.head, _run(self.upsamples, h, cache), cache)
+        h = _run([*self.middle, *self.upsamples], self.conv1(z, cache), cache)  # [B, C', T, H, W]
+        return _head(self.head, h, cache)
 
 
 class WanVAE(nn.Module):

@@ -28,6 +28,7 @@ from vaetool.errors import ConfigError, MemoryBudgetError
 from vaetool.nn import attention
 from vaetool.nn.temporal import VideoDecoder
 from vaetool.nn.util import loaded_weight
+from vaetool.tiling.archs import PROGRAMS
 from vaetool.tiling.exact import clip_frames, decode_exact, encode_exact
 from vaetool.tiling.fast import decode_fast, encode_fast
 
@@ -133,10 +134,12 @@ def choose(
 
 
 def plannable(model: torch.nn.Module) -> bool:
-    """Whether the memory planner and the tiled programs know this model's architecture (the SD-family coders)."""
+    """Whether the memory planner and the tiled programs know this model's architecture (the LDM coders, Wan, Flux.2, TAESD)."""
     from vaetool.nn.coders import Decoder, Encoder
 
     model = _unwrap(model)
+    if type(model) in PROGRAMS:  # vaetool.tiling.archs (and their estimates in vaetool.memory_archs)
+        return True
     return type(getattr(model, "encoder", None)) is Encoder and type(getattr(model, "decoder", None)) in (Decoder, VideoDecoder)
 
 

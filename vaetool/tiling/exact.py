@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from vaetool.nn.util import loaded_weight
-from vaetool.tiling.program import IDENTITY, GlobalOp, Norm, Program, WindowOp, decoder_program, encoder_program
+from vaetool.tiling.archs import coder_program
+from vaetool.tiling.program import IDENTITY, GlobalOp, Norm, Program, TensorFn, WindowOp
 
 MIN_TILE = 4  # smallest tile edge, in pixels of the activation being computed
 # devices whose batch-norm statistics kernel serves for a tile's per-channel moments: on CPU it reads a strided tile
@@ -137,9 +138,12 @@ def _edges(n: int, step: int) -> list[int]:
 
 def _window_input(
     slots: dict[str, Banded], name: str, rows: tuple[int, int], cols: tuple[int, int], upsample: bool,
-    affine: tuple[torch.Tensor, torch.Tensor] | None, device: torch.device,
+    affine: tuple[torch.Tensor, torch.Tensor] | None, device: torch.device, pre: TensorFn | None = None,
 ) -> torch.Tensor:
-    """The zero-padded window rows x cols (unclipped; upsampled coordinates when `upsample`) of a slot."""
+    """The zero-padded window rows x cols (unclipped; upsampled coordinates when `upsample`) of a slot.
+
+    `pre` (pointwise) runs on the source region before the upsample and the zero padding.
+    """
     src = slots[name]
     f = 2 if upsample else 1
     (r0, r1), (c0, c1) = rows, cols
@@ -148,11 +152,13 @@ def _window_input(
     box = (cr0 // f, (cr1 - 1) // f + 1, cc0 // f, (cc1 - 1) // f + 1)
     pad = (cc0 - c0, c1 - cc1, cr0 - r0, r1 - cr1)  # left, right, top, bottom: zeros after the norm
     parts = src.parts(*box, device)  # [N, C, rows, w] each, stacked: [N, C, h, w]
-    if affine is not None and not upsample and parts[0].dtype == affine[0].dtype:
+    if affine is not None and pre is None and not upsample and parts[0].dtype == affine[0].dtype:
         return _norm_silu_padded(parts, affine, pad)
     x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # [N, C, h, w]
     if affine is not None:  # GroupNorm with pooled statistics, then SiLU (pointwise: before the upsample)
         x = F.silu(x.float() * affine[0] + affine[1]).to(x.dtype)
+    if pre is not None:
+        x = pre(x)
     if upsample:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # [N, C, 2h, 2w]
         x = x[:, :, cr0 % 2 : cr0 % 2 + cr1 - cr0, cc0 % 2 : cc0 % 2 + cc1 - cc0]
@@ -187,9 +193,9 @@ def _window_tile(
     """Output rows x cols of a WindowOp, [N, Cout, b-a, d-c]."""
     w = op.window
     if op.upsample and w.phases is not None:
-        y = _phase_tile(w.phases, slots, op.src, affine, rows, cols, device)
+        y = _phase_tile(w.phases, slots, op.src, affine, rows, cols, device, op.pre)
     else:
-        x = _window_input(slots, op.src, w.in_range(*rows, 0), w.in_range(*cols, 1), op.upsample, affine, device)
+        x = _window_input(slots, op.src, w.in_range(*rows, 0), w.in_range(*cols, 1), op.upsample, affine, device, op.pre)
         y = w.fn(x)  # [N, Cout, b-a, d-c]
     if op.residual is not None:
         res = slots[op.residual].region(*rows, *cols, device)
@@ -203,6 +209,7 @@ def _window_tile(
 def _phase_tile(
     phases: Callable[[torch.Tensor], torch.Tensor], slots: dict[str, Banded], name: str,
     affine: tuple[torch.Tensor, torch.Tensor] | None, rows: tuple[int, int], cols: tuple[int, int], device: torch.device,
+    pre: TensorFn | None = None,
 ) -> torch.Tensor:
     """Upsample + 3x3 conv output rows x cols, from the source region one source pixel wider (no 4x buffer).
 
@@ -213,7 +220,7 @@ def _phase_tile(
     (a, b), (c, d) = rows, cols
     r0, r1 = max((a - 1) // 2, 0), min((b + 2) // 2, src.height)
     c0, c1 = max((c - 1) // 2, 0), min((d + 2) // 2, src.width)
-    x = _window_input(slots, name, (r0, r1), (c0, c1), False, affine, device)  # [N, C, r1-r0, c1-c0]
+    x = _window_input(slots, name, (r0, r1), (c0, c1), False, affine, device, pre)  # [N, C, r1-r0, c1-c0]
     return phases(x)[:, :, a - 2 * r0 : b - 2 * r0, c - 2 * c0 : d - 2 * c0]  # [N, Cout, b-a, d-c]
 
 
@@ -321,13 +328,13 @@ def host_storage(model: torch.nn.Module) -> torch.device | None:
 def decode_exact(model: torch.nn.Module, z: torch.Tensor, *, tile_size: int, timesteps: int | None = None) -> torch.Tensor:
     """Latent [B*T, z, h, w] -> image [B*T, 3, h*f, w*f], tiles of `tile_size` image pixels, equal to untiled."""
     frames = clip_frames(z.shape[0], timesteps, model)
-    return run_program(decoder_program(model, frames), z, tile_size, storage=host_storage(model))
+    return run_program(coder_program(model, "decode", frames), z, tile_size, storage=host_storage(model))
 
 
 @torch.inference_mode()
 def encode_exact(model: torch.nn.Module, x: torch.Tensor, *, tile_size: int) -> torch.Tensor:
     """Image [B, 3, H, W] -> moments [B, 2z, H/f, W/f], tiles of `tile_size` image pixels, equal to untiled."""
-    return run_program(encoder_program(model), x, tile_size, storage=host_storage(model))
+    return run_program(coder_program(model, "encode"), x, tile_size, storage=host_storage(model))
 
 
 def clip_frames(n: int, timesteps: int | None, model: torch.nn.Module) -> int:

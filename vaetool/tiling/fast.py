@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
+from vaetool.tiling.archs import coder_program
 from vaetool.tiling.exact import Stats, clip_frames, run_program
-from vaetool.tiling.program import Program, WindowOp, decoder_program, encoder_program
+from vaetool.tiling.program import Program, WindowOp
 
 STATS_CROP = 2  # latent pixels per mosaic crop
 
@@ -53,6 +54,8 @@ def mosaic(x: torch.Tensor, pixels: int, crop: int, align: int = 1) -> torch.Ten
 def estimate_stats(program: Program, x: torch.Tensor, pixels: int, crop: int, align: int = 1) -> dict[str, Stats]:
     """GroupNorm statistics of every normalised slot from one pass over a mosaic of full-resolution crops."""
     record: dict[str, Stats] = {}
+    if not program.normalized():  # no GroupNorm (Wan's RMS norm is per pixel, TAESD has none): nothing to estimate
+        return record
     run_program(program, mosaic(x, pixels, crop, align), None, record=record)
     return record
 
@@ -146,7 +149,7 @@ def decode_fast(
 ) -> torch.Tensor:
     """Latent [B*T, z, h, w] -> image [B*T, 3, h*f, w*f]: tiles of `tile_size` image px (+ `overlap`, default a quarter)."""
     tile = tile_size
-    program = decoder_program(model, clip_frames(z.shape[0], timesteps, model))
+    program = coder_program(model, "decode", clip_frames(z.shape[0], timesteps, model))
     f = round(program.factor)
     head, tail = program.split(_cut(program, True))
     t, o = max(1, tile // f), max(0, _overlap(tile, overlap) // f)
@@ -162,7 +165,7 @@ def encode_fast(
 ) -> torch.Tensor:
     """Image [B, 3, H, W] -> moments [B, 2z, H/f, W/f]: tiles of `tile_size` image px (+ `overlap`, default a quarter)."""
     tile = tile_size
-    program = encoder_program(model)
+    program = coder_program(model, "encode")
     f = round(1 / program.factor)
     head, tail = program.split(_cut(program, False))
     t = max(f, tile // f * f)

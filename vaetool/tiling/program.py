@@ -1,6 +1,7 @@
 """A VAE coder as a flat program of tileable ops, read off the model's modules (nothing is patched).
 
-Every op is either a `WindowOp` (optional GroupNorm+SiLU, optional nearest x2 upsample, a conv-like
+Every op is either a `WindowOp` (optional GroupNorm+SiLU or a pointwise `pre` function, optional
+nearest x2 upsample, a conv-like
 window function, optional residual / mix / activation: each output pixel depends on a small window
 of its input, so it can be computed tile by tile from a halo) or a `GlobalOp` (an attention block,
 run on the whole tensor). Activations are named slots; the executors in `vaetool.tiling.exact`
@@ -74,6 +75,7 @@ class WindowOp:
     act: TensorFn | None = None
     side: Window | None = None  # also side_out = side(src), the raw source, in the same pass over the tiles
     side_out: str | None = None
+    pre: TensorFn | None = None  # pointwise, on the source before the window's zero padding (e.g. RMS norm + SiLU)
 
     def inputs(self) -> tuple[str, ...]:
         """Slots this op reads."""
@@ -259,10 +261,17 @@ def _block(p: Program, m: nn.Module, x: str) -> str:
 
 
 def encoder_program(model: nn.Module) -> Program:
-    """The program of `model.encode_moments`: image [B, 3, H, W] -> moments [B, 2z, H/f, W/f]."""
-    enc = model.encoder
-    if type(enc) is not Encoder:
-        raise TilingUnsupported(f"encoder {type(enc).__name__} cannot be tiled")
+    """The program of an LDM model's `encode_moments`: image [B, 3, H, W] -> moments [B, 2z, H/f, W/f].
+
+    The other families' programs: vaetool.tiling.archs (`coder_program` picks).
+    """
+    if type(model.encoder) is not Encoder:
+        raise TilingUnsupported(f"encoder {type(model.encoder).__name__} cannot be tiled")
+    return sd_encoder_program(model.encoder, getattr(model, "quant_conv", None))
+
+
+def sd_encoder_program(enc: Encoder, quant_conv: nn.Module | None) -> Program:
+    """The program of an LDM Encoder followed by an optional 1x1 quant conv."""
     p = Program()
     x = p.add(WindowOp(p.input, p.slot(), conv_window(enc.conv_in)))
     for i_level, down in enumerate(enc.down):
@@ -275,21 +284,25 @@ def encoder_program(model: nn.Module) -> Program:
     for m in (enc.mid.block_1, enc.mid.attn_1, enc.mid.block_2):
         x = _block(p, m, x)
     x = p.add(WindowOp(x, p.slot(), conv_window(enc.conv_out), _norm(enc.norm_out)))
-    if hasattr(model, "quant_conv"):
-        x = p.add(WindowOp(x, p.slot(), conv_window(model.quant_conv)))
+    if quant_conv is not None:
+        x = p.add(WindowOp(x, p.slot(), conv_window(quant_conv)))
     p.factor = _factor(p.ops)
     return p
 
 
 def decoder_program(model: nn.Module, frames: int = 1) -> Program:
-    """The program of `model.decode`: latent [B*T, z, h, w] -> image [B*T, 3, h*f, w*f]."""
-    dec = model.decoder
-    if not isinstance(dec, Decoder):
-        raise TilingUnsupported(f"decoder {type(dec).__name__} cannot be tiled")
+    """The program of an LDM model's `decode`: latent [B*T, z, h, w] -> image [B*T, 3, h*f, w*f]."""
+    if not isinstance(model.decoder, Decoder):
+        raise TilingUnsupported(f"decoder {type(model.decoder).__name__} cannot be tiled")
+    return sd_decoder_program(model.decoder, getattr(model, "post_quant_conv", None), frames)
+
+
+def sd_decoder_program(dec: Decoder, post_quant_conv: nn.Module | None, frames: int = 1) -> Program:
+    """The program of an optional 1x1 post-quant conv followed by an LDM Decoder (or its video variant)."""
     p = Program(frames=frames)
     x = p.input
-    if hasattr(model, "post_quant_conv"):
-        x = p.add(WindowOp(x, p.slot(), conv_window(model.post_quant_conv)))
+    if post_quant_conv is not None:
+        x = p.add(WindowOp(x, p.slot(), conv_window(post_quant_conv)))
     x = p.add(WindowOp(x, p.slot(), conv_window(dec.conv_in)))
     for m in (dec.mid.block_1, dec.mid.attn_1, dec.mid.block_2):
         x = _block(p, m, x)

@@ -1,0 +1,134 @@
+"""The coders of an autoencoder as chains of steps, for the peak-memory estimates (vaetool.memory_estimate).
+
+A `Step` is one block of a coder (conv, res block, attention, up/downsample, output head); an
+`Arch` holds both coders' chains, their weights and the downscale. This module reads the chains
+of the LDM coders (SD, SDXL, SD3, Flux, the video decoders); vaetool.memory_archs reads those of
+the other families. `attention_bytes` is the working set of one attention call per backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from vaetool.nn import attention as attn
+
+
+@dataclass(frozen=True)
+class Step:
+    """One block of the coder: `level` is log2 of its input's downscale from the image.
+
+    Transformer attention blocks (xattn: a SpatialTransformer as the decoder's attn_op, xvattn its
+    video variant) also carry their heads, inner width and depth.
+    """
+
+    kind: str  # conv | res | vres | attn | vattn | xattn | xvattn | up | down | head | copy
+    cin: int
+    cout: int
+    level: int
+    heads: int = 1
+    inner: int = 0
+    depth: int = 1
+
+
+ATTN_KINDS = frozenset({"attn", "vattn", "xattn", "xvattn", "wattn"})  # global steps: they run on the whole map
+FF_WIDTH = 17  # a GEGLU feed-forward holds ~17 token widths at its peak (LN, 8x projection, 4x gelu, 4x product)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the estimate needs of a model: the chains of both coders, their weights, the downscale."""
+
+    encode: tuple[Step, ...]
+    decode: tuple[Step, ...]
+    weights: dict[str, int]  # parameters per op
+    downscale: int
+    in_channels: int
+    latent_channels: int
+    # per op, elements (x the element size) held by every call whatever the size: measured for the families in
+    # vaetool.memory_archs (weight-sized temporaries such as oneDNN's weight copies and the phase upsample's kernels)
+    overhead: dict[str, int] = field(default_factory=dict)
+    # x the working set of one tile: the tiled executor's copies the module's forward does not make (its zero-padded
+    # windows of convs without a norm), measured for the families in vaetool.memory_archs; the LDM coders: 1
+    tile_scale: float = 1.0
+
+
+def _res_kind(block: nn.Module) -> str:
+    return "vres" if hasattr(block, "time_stack") else "res"
+
+
+def _attn_step(block: nn.Module, channels: int, level: int) -> Step | None:
+    """The Step of one attention block, told apart by structure (AttnBlock, AttnVideoBlock, the spatial transformers)."""
+    if hasattr(block, "transformer_blocks"):
+        attn1 = block.transformer_blocks[0].attn1
+        kind = "xvattn" if hasattr(block, "time_stack") else "xattn"
+        return Step(kind, channels, channels, level, attn1.heads, attn1.heads * attn1.dim_head, len(block.transformer_blocks))
+    if hasattr(block, "time_mix_block"):
+        return Step("vattn", channels, channels, level)
+    return Step("attn", channels, channels, level) if hasattr(block, "proj_out") else None  # NoAttn: nothing
+
+
+def _attn_steps(blocks: Any, channels: int, level: int) -> list[Step]:
+    return [st for b in blocks if (st := _attn_step(b, channels, level)) is not None]
+
+
+def encoder_steps(enc: nn.Module, quant: nn.Module | None) -> list[Step]:
+    steps, level = [Step("conv", enc.conv_in.in_channels, enc.conv_in.out_channels, 0)], 0
+    for down in enc.down:
+        for i, block in enumerate(down.block):
+            steps.append(Step(_res_kind(block), block.in_channels, block.out_channels, level))
+            steps += _attn_steps(down.attn[i : i + 1], block.out_channels, level)
+        if hasattr(down, "downsample"):
+            steps.append(Step("down", block.out_channels, block.out_channels, level))
+            level += 1
+    c = enc.mid.block_1.out_channels
+    steps += [Step("res", c, c, level), *_attn_steps([enc.mid.attn_1], c, level), Step("res", c, c, level)]
+    steps.append(Step("head", c, enc.conv_out.out_channels, level))
+    if quant is not None:
+        steps.append(Step("conv", quant.in_channels, quant.out_channels, level))
+    return [*steps, Step("copy", steps[-1].cout, steps[-1].cout, level)]
+
+
+def decoder_steps(dec: nn.Module, post_quant: nn.Module | None, level: int) -> list[Step]:
+    steps = [] if post_quant is None else [Step("conv", post_quant.in_channels, post_quant.out_channels, level)]
+    c = dec.conv_in.out_channels
+    steps.append(Step("conv", dec.conv_in.in_channels, c, level))
+    kind = _res_kind(dec.mid.block_1)
+    steps += [Step(kind, c, c, level), *_attn_steps([dec.mid.attn_1], c, level), Step(kind, c, c, level)]
+    for up in reversed(dec.up):
+        for i, block in enumerate(up.block):
+            steps.append(Step(_res_kind(block), block.in_channels, block.out_channels, level))
+            steps += _attn_steps(up.attn[i : i + 1], block.out_channels, level)
+        if hasattr(up, "upsample"):
+            steps.append(Step("up", block.out_channels, block.out_channels, level))
+            level -= 1
+    steps.append(Step("head", dec.conv_out.in_channels, dec.conv_out.out_channels, level))
+    return [*steps, Step("copy", dec.conv_out.out_channels, dec.conv_out.out_channels, level)]
+
+
+# ---------------------------------------------------------------- attention
+
+
+def resolve_attention(name: str, b: int, n: int, elem: int, device: torch.device) -> str:
+    """The backend an attention call on [b, 1, n, .] q/k/v runs with (`auto` picks per call)."""
+    if name != "auto":
+        return name
+    scores = b * n * n * attn.score_bytes(elem)
+    return "sdpa" if scores <= attn.available_memory(device) * attn.AUTO_FRACTION else attn.AUTO_FALLBACK.get(device.type, "chunked")
+
+
+def attention_bytes(name: str, b: int, n: int, c: int, elem: int, device: torch.device) -> int:
+    """Working set of one attention call on [b, 1, n, c] q/k/v beyond the output (sdpa: contiguous copies of q, k, v)."""
+    scores = b * n * n * attn.score_bytes(elem)
+    name = resolve_attention(name, b, n, elem, device)
+    if name in ("sdpa", "xformers"):
+        return 3 * b * n * c * elem  # contiguous copies of q, k, v; the fused kernels keep O(n) scratch
+    if name == "chunked":
+        qc = min(n, attn.CHUNK_QUERY)
+        return min(scores, attn.CHUNK_BYTES) + 3 * b * qc * c * 4
+    if name == "split":
+        return min(scores, int(attn.available_memory(device) * attn.SPLIT_FRACTION))
+    return scores  # basic, and any registered backend we know nothing about
