@@ -177,3 +177,65 @@ def test_qwen_image_and_a_single_frame_go_the_same_way(runner, tmp_path: Path, w
     assert latent.shape == (1, 16, 1, 3, 5) and meta["family"] == "qwen-image" and meta["frames"] == 1
     with torch.inference_mode():
         assert (latent - wan.encode_video_moments(video)[:, :16]).abs().max().item() <= 1e-5
+
+
+# ---------------------------------------------------------------- streamed and tiled decode
+
+
+def _whole_clip(wan: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """The decode before streaming: every latent frame through one cache, joined, then clamped."""
+    from vaetool.nn.causal import FrameCache
+
+    x, cache = wan.conv2(z), FrameCache()
+    return torch.cat([wan.decoder(x[:, :, i : i + 1], cache) for i in range(z.shape[2])], dim=2).clamp_(-1.0, 1.0)
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 10 * torch.log10((a.max() - a.min()) ** 2 / (a - b).pow(2).mean()).item()
+
+
+def test_the_streamed_decode_is_the_whole_clip_decode_bit_for_bit(wan) -> None:
+    z = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        chunks = list(wan.decode_video_frames(z))
+        want = _whole_clip(wan, z)
+        assert [c.shape[2] for c in chunks] == [1, 4, 4]
+        assert torch.equal(torch.cat(chunks, dim=2), want) and torch.equal(wan.decode_video(z), want)
+
+
+def test_fast_tiles_are_close_to_untiled_and_the_cli_runs_them(runner, tmp_path: Path, wan) -> None:
+    from vaetool.tiling.causal import decode_video_fast
+
+    z = torch.randn(1, 16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        tiled = torch.cat(list(decode_video_fast(wan, z, tile_size=64)), dim=2)  # [1, 3, 9, 128, 128], 4 tiles
+        untiled = wan.decode_video(z)
+    assert tiled.shape == untiled.shape and 34.0 < _psnr(untiled, tiled) < 80  # measured 36.2 dB (docs/memory.md)
+    lat = tmp_path / "clip.safetensors"
+    save_causal(lat, z, {"kind": "video", "layout": "BCTHW", "frames": 9, "time_downscale": 4})
+    result = _invoke(runner, "decode", lat, "-o", tmp_path / "out", *MODEL, "--tile", "fast", "--tile-size", 64, "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["tile_mode"] == "fast" and summary["tile"] == 64 and "not used" not in result.stderr
+    got = _pngs(tmp_path / "out")
+    assert len(got) == 9 and all(np.array_equal(a, b) for a, b in zip(got, _frames(tiled), strict=True))
+
+
+def test_auto_tiles_under_a_small_budget(runner, tmp_path: Path, wan) -> None:
+    from vaetool.tiling import Tiling
+    from vaetool.tiling.causal import plan_video
+
+    shape = (1, 16, 3, 32, 32)  # 256 x 256 frames
+    assert plan_video(wan, shape, Tiling()).mode == "off"  # the default budget: what is free
+    budget = 38  # MiB: untiled needs about 40 (weights, one 4-frame chunk, the causal caches), the smallest tile 35
+    assert plan_video(wan, shape, Tiling(max_memory="48MiB")).mode == "off"
+    choice = plan_video(wan, shape, Tiling(max_memory=f"{budget}MiB"))
+    assert choice.mode == "fast" and choice.tile_size is not None and choice.tile_size < 256
+    lat = tmp_path / "clip.safetensors"
+    save_causal(lat, torch.randn(shape), {"kind": "video", "layout": "BCTHW", "frames": 7, "time_downscale": 4})
+    result = _invoke(runner, "decode", lat, "-o", tmp_path / "out", *MODEL, "--max-memory", f"{budget}MiB", "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["tile_mode"] == "fast" and summary["tile"] == choice.tile_size and len(_pngs(tmp_path / "out")) == 7
+    result = _invoke(runner, "decode", lat, "-o", tmp_path / "whole", *MODEL, "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["tile_mode"] == "off"

@@ -47,10 +47,14 @@ class Fp32Fallback:
         out = call(self.vae)
         if self.vae.dtype not in HALF_DTYPES or is_finite(out):
             return out
+        return call(self.redo(what))
+
+    def redo(self, what: str) -> Vae:
+        """The fp32 copy to redo `what` with (made once, with the notice), counted as a retry."""
         if self.fp32 is None:
             self.fp32 = fp32_copy(self.vae)
             if self.notice is not None:
                 self.notice(f"NaN/inf in the half-precision output for {what}: redoing it in fp32 "
                             "(and any later such output; counted as fp32_retries)")
         self.retries += 1
-        return call(self.fp32)
+        return self.fp32

@@ -36,16 +36,16 @@ class CausalClip(NamedTuple):
     fmt: LatentFormat  # the form scaled latents are in (the file's recorded one, else the model's)
 
 
-def _ignored(settings: VideoSettings) -> list[str]:
-    """The options given that a causal video VAE does not use."""
+def _ignored(settings: VideoSettings, decodes: bool) -> list[str]:
+    """The options given that a causal video VAE does not use (the tiling ones are used when it decodes)."""
     tiling = settings.tiling
     given = {
         "--chunk-frames": settings.chunk_frames is not None,
         "--overlap": settings.overlap is not None,
         "--batch-size": settings.batch_size is not None,
-        f"--tile {tiling.mode}": tiling.mode in ("exact", "fast"),
-        "--tile-size": tiling.tile_size is not None,
-        "--max-memory": tiling.max_memory is not None,
+        f"--tile {tiling.mode}": tiling.mode in ("exact", "fast") and not decodes,
+        "--tile-size": tiling.tile_size is not None and not decodes,
+        "--max-memory": tiling.max_memory is not None and not decodes,
     }
     return [name for name, on in given.items() if on]
 
@@ -94,6 +94,7 @@ def run_causal(
     warn: Callable[[str], None],
 ) -> dict[str, Any]:
     """Run a video job on a causal video VAE; returns the summary's fields (frames, fps, size, latent shape, ...)."""
+    from vaetool.tiling.causal import plan_video
     from vaetool.video.causal import causal_metadata, decode_causal, is_causal_vae, padded_frames, save_causal
     from vaetool.video.store import video_metadata
     from vaetool.video.writers import write_frames
@@ -104,11 +105,13 @@ def run_causal(
             f"not {vae.latent_format.family}; wrong --model/--config for this file?",
             input_path,
         )
-    if ignored := _ignored(settings):
+    if ignored := _ignored(settings, action.value != "encode"):
         notice(
-            f"{', '.join(ignored)}: not used by a causal video VAE, which decodes one latent frame at a time "
-            "through its causal cache (whole frames, no tiling)"
+            f"{', '.join(ignored)}: not used by a causal video VAE, which codes the clip through its causal cache "
+            "(encode untiled; decode one latent frame at a time, in spatial tiles when needed)"
         )
+    if action.value != "encode" and settings.tiling.mode == "exact":
+        notice("--tile exact: a causal video VAE has no exact tiles; fast tiles are used")
     factor = int(vae.model.time_downscale)
     if action.value == "decode":
         clip = read_causal(vae, input_path, settings.fps, warn)
@@ -129,8 +132,10 @@ def run_causal(
         meta = causal_metadata(base, vae.latent_format, frames=clip.frames, latent_frames=shape[2], factor=factor)
         save_causal(outputs[0], clip.latents, meta, overwrite=settings.overwrite)
         return summary
+    choice = plan_video(vae.model, tuple(shape), settings.tiling)
     frames = decode_causal(
-        vae, clip.latents, frames=clip.frames, size=clip.size, scaled=clip.scaled, fmt=clip.fmt, fallback=fallback, source=input_path
-    )
+        vae, clip.latents, frames=clip.frames, size=clip.size, scaled=clip.scaled, fmt=clip.fmt, fallback=fallback, source=input_path,
+        tile=choice.tile_size, overlap=settings.tiling.overlap,
+    )  # fmt: skip
     write_frames(outputs, frames, fps=clip.fps, count=clip.frames, overwrite=settings.overwrite)
-    return summary | {"temporal": True, "chunk_frames": factor, "overlap": 0, "tile_mode": "off", "tile": None}
+    return summary | {"temporal": True, "chunk_frames": factor, "overlap": 0, "tile_mode": choice.mode, "tile": choice.tile_size}

@@ -16,7 +16,7 @@ and t latent frames decode to 1 + 4(t - 1) frames. An image is a one-frame video
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from itertools import pairwise
 
 import torch
@@ -215,10 +215,21 @@ class Decoder3d(nn.Module):
         self.upsamples = nn.Sequential(*blocks)
         self.head = nn.Sequential(RMS_norm(dims[-1], images=False), nn.SiLU(), CausalConv3d(dims[-1], out_channels, 3, padding=1))
 
+    def cut(self) -> int:
+        """Index in `upsamples` of the first Resample: the blocks before it run at latent resolution."""
+        return next((i for i, m in enumerate(self.upsamples) if isinstance(m, Resample)), len(self.upsamples))
+
+    def low(self, z: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
+        """The latent-resolution part (conv1, middle with its per-frame attention, the first level): [B, z, t, h, w] -> [B, C, t, h, w]."""
+        return _run([*self.middle, *self.upsamples[: self.cut()]], self.conv1(z, cache), cache)
+
+    def high(self, h: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
+        """The rest, all convs (no attention), and the head, unclamped: [B, C, t, h, w] -> [B, 3, T, h*f, w*f]."""
+        return _head(self.head, _run(self.upsamples[self.cut() :], h, cache), cache)
+
     def forward(self, z: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:
         """Latent chunk [B, z_dim, t, h, w] -> [B, 3, T, h*f, w*f]."""
-        h = _run([*self.middle, *self.upsamples], self.conv1(z, cache), cache)  # [B, C', T, H, W]
-        return _head(self.head, h, cache)
+        return self.high(self.low(z, cache), cache)
 
 
 class WanVAE(nn.Module):
@@ -271,12 +282,22 @@ class WanVAE(nn.Module):
         """Latent video [B, z, t, h, w] -> frames [B, 3, 1 + time_downscale * (t - 1), H, W] in [-1, 1]."""
         if z.ndim != 5:
             raise InputError(f"the Wan VAE decodes latent videos [B, z, t, h, w]; got shape {list(z.shape)}")
-        x = self.conv2(z)
         if z.shape[2] == 1:
-            return self.decoder(x).clamp_(-1.0, 1.0)
+            return self.decoder(self.conv2(z)).clamp_(-1.0, 1.0)
+        return torch.cat(list(self.decode_video_frames(z)), dim=2)  # [B, 3, T, H, W]
+
+    def decode_video_frames(self, z: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Latent video [B, z, t, h, w] -> per latent frame, its frames [B, 3, 1 or time_downscale, H, W] in [-1, 1].
+
+        One latent frame at a time through one causal cache: memory does not grow with t. Joined
+        over time, the chunks are `decode_video`'s output bit for bit.
+        """
+        if z.ndim != 5:
+            raise InputError(f"the Wan VAE decodes latent videos [B, z, t, h, w]; got shape {list(z.shape)}")
+        x = self.conv2(z)  # [B, z, t, h, w]: a 1x1x1 conv, latent-sized
         cache = FrameCache()
-        frames = [self.decoder(x[:, :, i : i + 1], cache) for i in range(z.shape[2])]
-        return torch.cat(frames, dim=2).clamp_(-1.0, 1.0)  # [B, 3, T, H, W]
+        for i in range(z.shape[2]):
+            yield self.decoder(x[:, :, i : i + 1], cache).clamp_(-1.0, 1.0)  # [B, 3, 1 or 4, H, W]
 
     def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] -> moments [B, 2z, H/f, W/f] (mean, logvar), each image a one-frame video."""

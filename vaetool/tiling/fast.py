@@ -94,7 +94,8 @@ class TileSpan:
     weight: torch.Tensor  # [ohi - olo]
 
 
-def _axis(n_in: int, n_out: int, tile: int, overlap: int, align: int, factor: float) -> list[TileSpan]:
+def tile_spans(n_in: int, n_out: int, tile: int, overlap: int, align: int, factor: float) -> list[TileSpan]:
+    """The windows of `tile` input px (sharing `overlap`) along an axis of `n_in`, with their output spans and blend weights."""
     wins = windows(n_in, tile, overlap, align)
     spans = []
     for i, (lo, hi) in enumerate(wins):
@@ -111,8 +112,8 @@ def run_tiled(
     out_size: tuple[int, int],
 ) -> torch.Tensor:
     """Run `program` on windows of `tile` input pixels with fixed `stats`, blending into [N, Cout, *out_size]."""
-    rows = _axis(x.shape[2], out_size[0], tile, overlap, align, program.factor)
-    cols = _axis(x.shape[3], out_size[1], tile, overlap, align, program.factor)
+    rows = tile_spans(x.shape[2], out_size[0], tile, overlap, align, program.factor)
+    cols = tile_spans(x.shape[3], out_size[1], tile, overlap, align, program.factor)
     acc: torch.Tensor | None = None
     total = torch.zeros(*out_size, dtype=torch.float32, device=x.device)
     for r in rows:
@@ -138,7 +139,8 @@ def _cut(program: Program, decoder: bool) -> int:
     return idx[0] if decoder else idx[-1] + 1
 
 
-def _overlap(tile: int, overlap: int | None) -> int:
+def default_overlap(tile: int, overlap: int | None) -> int:
+    """The overlap in image px: `overlap`, or a quarter tile when None."""
     return tile // 4 if overlap is None else overlap
 
 
@@ -152,7 +154,7 @@ def decode_fast(
     program = coder_program(model, "decode", clip_frames(z.shape[0], timesteps, model))
     f = round(program.factor)
     head, tail = program.split(_cut(program, True))
-    t, o = max(1, tile // f), max(0, _overlap(tile, overlap) // f)
+    t, o = max(1, tile // f), max(0, default_overlap(tile, overlap) // f)
     h = run_program(head, z, t) if head.ops else z  # [B*T, C, h, w]: exact, incl. the global attention
     stats = estimate_stats(tail, h, stats_pixels or t * t, stats_crop)
     return run_tiled(tail, h, t + o, o, 1, stats, (z.shape[2] * f, z.shape[3] * f))
@@ -169,7 +171,7 @@ def encode_fast(
     f = round(1 / program.factor)
     head, tail = program.split(_cut(program, False))
     t = max(f, tile // f * f)
-    o = max(0, _overlap(tile, overlap) // f * f)
+    o = max(0, default_overlap(tile, overlap) // f * f)
     stats = estimate_stats(head, x, stats_pixels or t * t, stats_crop * f, f)
     size = (_encoded(x.shape[2], head, 0), _encoded(x.shape[3], head, 1))
     h = run_tiled(head, x, t + o, o, f, stats, size)  # [B, C, H/f, W/f]

@@ -128,26 +128,56 @@ def decode_causal(
     fmt: LatentFormat | None = None,
     fallback: Fp32Fallback | None = None,
     source: str | Path | None = None,
+    tile: int | None = None,
+    overlap: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Latent [1, C, T', h, w] -> the first `frames` uint8 frames [H, W, 3], cropped to `size` (H, W) when given.
 
-    Scaled latents are made raw with `fmt` (the file's recorded form; default: the model's). The
-    model decodes one latent frame (4 frames) at a time through its causal cache; the whole clip
-    comes back as one tensor [1, 3, T, H, W].
+    Scaled latents are made raw with `fmt` (the file's recorded form; default: the model's). Streamed:
+    the model decodes one latent frame (4 frames) at a time through its causal cache, and each
+    frame goes out before the next latent frame is decoded. `tile`: fast spatial tiles of that
+    edge in image px (vaetool.tiling.causal), `overlap` px shared. A half-precision chunk that is
+    not finite restarts the clip in fp32 (the cache holds its past), past the frames already given.
     """
+    from vaetool.precision import HALF_DTYPES
+    from vaetool.tiling.causal import decode_video_fast
+
     fallback = fallback or Fp32Fallback(vae)
     z = (fmt or vae.latent_format).to_raw(latents) if scaled else latents  # [1, C, T', h, w]
     what = f"the clip ({latents.shape[2]} latent frames)"
 
-    def call(v: Vae) -> torch.Tensor:
-        with torch.inference_mode():
-            return v.model.decode_video(z.to(v.device, v.dtype))  # [1, 3, T, H, W]
+    def chunks(v: Vae) -> Iterator[torch.Tensor]:
+        zv = z.to(v.device, v.dtype)
+        if tile is None:
+            return v.model.decode_video_frames(zv)
+        return decode_video_fast(v.model, zv, tile_size=tile, overlap=overlap)
 
-    video = _finite(fallback(call, what), what, source)[0, :, :frames].float().cpu()  # [3, frames, H, W]
-    if size is not None:
-        video = video[..., : size[0], : size[1]]
-    for t in range(video.shape[1]):
-        yield to_uint8(video[:, t])
+    model, given = vae, 0
+    while True:
+        stream, done, k = chunks(model), 0, 0
+        while done < frames:
+            with torch.inference_mode():
+                chunk = next(stream, None)  # [1, 3, 1 or 4, H, W]
+            if chunk is None:
+                return
+            n = chunk.shape[2]
+            if done + n <= given:  # already given before an fp32 restart
+                done, k = done + n, k + 1
+                continue
+            if not is_finite(chunk):
+                if model.dtype in HALF_DTYPES and model is vae:
+                    model = fallback.redo(what)
+                    break
+                raise InputError(f"the model's output for {what} has NaN/inf values (latent frame {k})", source)
+            video = chunk[0, :, : frames - done].float().cpu()  # [3, n', H, W]
+            if size is not None:
+                video = video[..., : size[0], : size[1]]
+            for t in range(video.shape[1]):
+                yield to_uint8(video[:, t])
+            done, k = done + n, k + 1
+            given = max(given, min(done, frames))
+        else:
+            return
 
 
 def causal_metadata(base: dict[str, Any], fmt: LatentFormat, *, frames: int, latent_frames: int, factor: int) -> dict[str, Any]:
