@@ -10,6 +10,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from vaetool import tiling
+
 os.environ["COLUMNS"] = "160"  # pin Rich's console width for stable CLI output
 os.environ.setdefault("TERM", "dumb")
 os.environ["VAETOOL_CACHE_DIR"] = tempfile.mkdtemp(prefix="vaetool-test-cache-")  # the weights-hash cache, not ~/.cache
@@ -40,3 +42,16 @@ def _perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def perturb() -> Callable[..., torch.nn.Module]:
     """`perturb(model, seed=0)`: a random model whose swapped or misnamed weights change its output."""
     return _perturb
+
+
+@pytest.fixture
+def ran(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, int | None]]:
+    """Every runner the front door calls: (direction, mode, tile size)."""
+    calls: list[tuple[str, str, int | None]] = []
+    for key, real in list(tiling.RUNNERS.items()):
+        def spy(m, x, size, ov, t, key=key, real=real):
+            calls.append((*key, size))
+            return real(m, x, size, ov, t)
+
+        monkeypatch.setitem(tiling.RUNNERS, key, spy)
+    return calls

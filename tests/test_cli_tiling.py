@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vaetool import memory, tiling
+from vaetool import memory
 from vaetool.api import load_vae
 from vaetool.cli import app
 from vaetool.io.latents import load_latents
@@ -57,19 +57,6 @@ def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("in") / "cat.png"
     Image.open(REPO / "examples/images/chelsea.png").convert("RGB").crop((40, 20, 40 + SIZE, 20 + SIZE)).save(path)
     return path
-
-
-@pytest.fixture
-def ran(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, int | None]]:
-    """Every runner the front door calls: (direction, mode, tile size)."""
-    calls: list[tuple[str, str, int | None]] = []
-    for key, real in list(tiling.RUNNERS.items()):
-        def spy(m, x, size, ov, t, key=key, real=real):
-            calls.append((*key, size))
-            return real(m, x, size, ov, t)
-
-        monkeypatch.setitem(tiling.RUNNERS, key, spy)
-    return calls
 
 
 def _ok(runner, *args: object) -> None:
