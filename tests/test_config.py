@@ -11,6 +11,7 @@ import torch
 from vaetool.config import (
     apply_overrides,
     extract_vae_config,
+    find_config_file,
     instantiate_from_config,
     load_vae_config,
     load_yaml,
@@ -180,3 +181,13 @@ def test_config_checks_name_the_attention_blocks_that_nn_builds() -> None:
     from vaetool.nn.blocks import ATTN_TYPES
 
     assert sorted(ATTN_TYPE_NAMES) == sorted(ATTN_TYPES)
+
+
+def test_an_unknown_name_lists_the_shipped_models_apart_from_the_training_recipes() -> None:
+    with pytest.raises(ConfigError) as err:
+        find_config_file("sdxxl")
+    message = str(err.value)
+    assert "did you mean sdxl" in message
+    models, recipes = message.split("shipped models: ")[1].split("; training recipes (vaetool train): ")
+    assert "sdxl" in models.split(", ") and "train-mini" not in models
+    assert "train-mini" in recipes.split(", ")

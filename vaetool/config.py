@@ -228,7 +228,28 @@ def find_config_file(name_or_path: str | Path) -> Path:
     names = shipped_configs()
     close = difflib.get_close_matches(str(name_or_path), names, n=3, cutoff=0.6)
     hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-    raise ConfigError(f"no shipped config named {str(name_or_path)!r}{hint}; shipped: {', '.join(names)}")
+    recipes = [n for n in names if _is_shipped_recipe(n)]
+    models = [n for n in names if n not in recipes]
+    listed = f"shipped models: {', '.join(models)}" + (f"; training recipes (vaetool train): {', '.join(recipes)}" if recipes else "")
+    raise ConfigError(f"no shipped config named {str(name_or_path)!r}{hint}; {listed}")
+
+
+def _is_shipped_recipe(name: str) -> bool:
+    for directory in CONFIG_DIRS:
+        if (path := directory / f"{name}.yaml").exists():
+            try:
+                return is_recipe(load_yaml(path))
+            except ConfigError:
+                return False
+    return False
+
+
+RECIPE_KEYS = ("data", "optimizer", "steps")  # keys only a training recipe has
+
+
+def is_recipe(doc: dict[str, Any]) -> bool:
+    """Whether a YAML document is a `vaetool train` recipe rather than a model config."""
+    return isinstance(doc.get("model"), str) or any(k in doc for k in RECIPE_KEYS)
 
 
 def shipped_configs() -> list[str]:

@@ -14,23 +14,17 @@ from typing import Any
 
 from vaetool.errors import ConfigError, InputError, VaeToolError
 
-__all__ = ["config_rows", "describe_config", "describe_latent", "is_latent_file", "is_recipe", "weights_summary"]
+__all__ = ["config_rows", "describe_config", "describe_latent", "is_latent_file", "weights_summary"]
 
 # safetensors dtype names -> torch's (what `info CHECKPOINT` shows)
 SAFETENSORS_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
     "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
 }  # fmt: skip
-RECIPE_KEYS = ("data", "optimizer", "steps")  # keys only a training recipe has
 ARCH_KEYS = ("ch", "ch_mult", "num_res_blocks", "z_channels", "embed_dim", "dim", "dim_mult", "channels", "encoder_blocks",
              "decoder_blocks", "patch_size", "norm_groups")
 PROVENANCE_KEYS = ("config", "checkpoint_sha256", "posterior", "seed", "random_weights", "vaetool_version", "source", "key")
 SIZE_KEYS = ("original_size", "padded_size", "padding")
-
-
-def is_recipe(doc: dict[str, Any]) -> bool:
-    """Whether a YAML document is a `vaetool train` recipe rather than a model config."""
-    return isinstance(doc.get("model"), str) or any(k in doc for k in RECIPE_KEYS)
 
 
 def weights_summary(path: Path) -> dict[str, Any]:
@@ -59,7 +53,7 @@ def _architecture(model: dict[str, Any]) -> dict[str, Any]:
 def describe_config(name_or_path: str | Path, doc: dict[str, Any] | None = None) -> dict[str, Any]:
     """A config's summary from its YAML (`doc`, when already read): target, family, latent format, architecture,
     weights (no model is built)."""
-    from vaetool.config import extract_vae_config, find_config_file, load_yaml
+    from vaetool.config import extract_vae_config, find_config_file, is_recipe, load_yaml
 
     path = find_config_file(name_or_path)
     doc = load_yaml(path) if doc is None else doc
@@ -91,7 +85,7 @@ def _weights_state(checkpoint: Path | None, test_model: bool) -> str:
 
 def config_rows() -> tuple[list[dict[str, Any]], list[str]]:
     """(one summary per shipped model config, the names of the shipped training recipes), by name."""
-    from vaetool.config import find_config_file, load_yaml, shipped_configs
+    from vaetool.config import find_config_file, is_recipe, load_yaml, shipped_configs
 
     rows, recipes = [], []
     for name in shipped_configs():

@@ -70,8 +70,7 @@ def command(
 def _recipe(config: Path) -> Path:
     """The training recipe a CONFIG argument names (a path, or a shipped recipe's name such as train-mini);
     UsageError for a file that is no recipe (an image, a model config)."""
-    from vaetool.config import find_config_file, load_yaml
-    from vaetool.describe import is_recipe
+    from vaetool.config import find_config_file, is_recipe, load_yaml
     from vaetool.io.sniff import sniff
 
     if not config.exists() and not config.suffix:
