@@ -197,3 +197,14 @@ def test_update_golden_rewrites_only_goldens_that_no_longer_pass(runner, tmp_pat
     assert statuses == {"a.png": "updated", "sub/b.png": "updated"}
     assert a.stat().st_mtime_ns != 10**18
     assert _roundtrip(runner, str(images), "-o", str(out), "--golden", str(golden), "--force").exit_code == 2  # --force alone
+
+
+def test_verbose_names_each_input_and_its_output(tmp_path: Path) -> None:
+    from cli_helpers import noise_png
+
+    src = noise_png(tmp_path / "in" / "cat.png", 16, 16)
+    runner = CliRunner(env={"COLUMNS": "160", "NO_COLOR": "1"})
+    result = runner.invoke(app, ["roundtrip", str(src), "-o", str(tmp_path / "out"), "-m", "tiny-f8", "--verbose"])
+    assert result.exit_code == 0, result.output
+    assert f"done: {src} -> {tmp_path / 'out' / 'cat.png'}" in result.stderr  # the output, not an internal object
+    assert "ImageResult" not in result.output

@@ -236,7 +236,8 @@ class Reporter:
         if event.kind == "failed":
             self.print(f"failed: {printable(event.job.source)}: {event.reason}")
         elif self.verbose:
-            result = f" -> {printable(str(event.result))}" if event.result is not None else ""
+            output = getattr(event.result, "output", event.result)  # a written path, or a result that names its output
+            result = f" -> {printable(str(output))}" if output is not None else ""
             self.print(f"{event.kind}: {printable(event.job.source)}{result}")
         if not event.retracted:  # a retracted job was counted when it was reported done
             self.progress.advance(self.task)
