@@ -124,3 +124,12 @@ def test_every_command_module_imports_without_torch() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_version_alone_answers_before_typer_and_says_what_the_option_says(runner: CliRunner) -> None:
+    code = ("import sys\nsys.argv = ['vaetool', '--version']\nfrom vaetool.cli import main\nmain()\n"
+            "assert 'typer' not in sys.modules and 'rich' not in sys.modules, 'imported'\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == runner.invoke(app, ["--version"]).stdout == f"vaetool {vaetool.__version__}\n"

@@ -5,11 +5,17 @@ Importing a command module registers nothing; `vaetool.cli.root` builds the app 
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (`vaetool --version` alone answers before Typer and Rich are imported)."""
+    if sys.argv[1:] == ["--version"]:
+        from vaetool import __version__
+
+        print(f"vaetool {__version__}")  # what the Typer option prints
+        return
     from vaetool.cli.root import app
 
     app(prog_name="vaetool")
