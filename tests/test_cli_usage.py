@@ -93,7 +93,7 @@ def test_usage_errors_exit_2_with_one_line(runner: CliRunner, files: Path, case:
     assert "Traceback" not in err and "internal error" not in err
     for needle in needles:
         assert needle in err, err
-    assert not (files / "out").exists() or not any((files / "out").iterdir())  # refused before any work (at most an empty -o)
+    assert not (files / "out").exists()  # refused before any work: not even an empty -o is left
 
 
 def test_failed_inputs_still_exit_1(runner: CliRunner, files: Path) -> None:

@@ -91,7 +91,8 @@ def command(
     """Decode latent files to PNG images."""
     from vaetool.io.inputs import collect_inputs
     from vaetool.io.latents import LATENT_SUFFIXES
-    from vaetool.jobs import DecodeSettings, attention_scope, decode_files, prepare_output
+    from vaetool.jobs import DecodeSettings, attention_scope, decode_files
+    from vaetool.jobs.common import check_writable
     from vaetool.jobs.preview import load_preview, preview_spec
 
     if not inputs and files_from is None:
@@ -103,7 +104,7 @@ def command(
     files = collect_inputs(inputs or [], recursive=recursive, files_from=files_from, suffixes=LATENT_SUFFIXES)
     if not files:
         raise InputError(f"no latent files ({', '.join(LATENT_SUFFIXES)}) found", " ".join(inputs or [files_from or ""]))
-    prepare_output(output)  # a folder that cannot be written fails before the model loads
+    check_writable(output)  # a folder that cannot be written fails before the model loads
     vae = load_preview(spec, on_notice=note) if preview is not None else load(spec)
     settings = DecodeSettings(output, scaled, 16 if bits16 else 8, overwrite, family=family, preview=preview is not None)
     with Reporter(None, quiet=quiet, verbose=verbose, label="decoding") as reporter:

@@ -135,8 +135,9 @@ def command(
     from vaetool.io.manifest import ManifestWriter, rank_manifest_path
     from vaetool.io.shards import rank_index_name
     from vaetool.io.tar_index import tar_index_name
-    from vaetool.jobs import EncodeSettings, attention_scope, encode_files, prepare_output
-    from vaetool.jobs.encode import finish_ranks, rank_and_world
+    from vaetool.jobs import EncodeSettings, attention_scope, encode_files
+    from vaetool.jobs.common import check_writable
+    from vaetool.jobs.encode import check_model, finish_ranks, rank_and_world
     from vaetool.jobs.encode_tars import encode_tar_shards
 
     if not inputs and files_from is None:
@@ -160,8 +161,9 @@ def command(
     if not shards and not found:
         raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) found", " ".join(inputs or [files_from or ""]))
     mine: list = (shards or found)[rank::world]  # whole shards, or files, to each rank
-    prepare_output(output)  # a folder that cannot be written fails before the model loads
+    check_writable(output)  # a folder that cannot be written fails before the model loads
     vae = load(spec)
+    check_model(vae, settings)  # before the manifest is opened: a refused run leaves no folder
     manifest_path = manifest or output / "manifest.jsonl"
     part = rank_manifest_path(manifest_path, rank) if world > 1 else manifest_path
     label = "encoding" if world == 1 else f"rank {rank}/{world}"

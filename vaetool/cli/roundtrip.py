@@ -120,7 +120,8 @@ def command(
     from vaetool.cli.encode import tar_shards
     from vaetool.io.images import IMAGE_SUFFIXES
     from vaetool.io.inputs import collect_inputs
-    from vaetool.jobs import RoundtripSettings, attention_scope, build_report, prepare_output, roundtrip_files
+    from vaetool.jobs import RoundtripSettings, attention_scope, build_report, roundtrip_files
+    from vaetool.jobs.common import check_writable
     from vaetool.jobs.roundtrip import roundtrip_jobs
 
     if not inputs and files_from is None:
@@ -143,7 +144,7 @@ def command(
     if not shards and not files:
         raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) found", " ".join(inputs or [files_from or ""]))
     for folder in (output, *(p.parent for p in (report_path, junit, html) if p is not None)):
-        prepare_output(folder)  # a folder that cannot be written fails before the model loads
+        check_writable(folder)  # a folder that cannot be written fails before the model loads
     vae = load(spec)
     with Reporter(None if shards else len(files), quiet=quiet, verbose=verbose, label="round trip") as reporter:
         run = run_options(tile, tile_size, max_memory, batch_size, fail_fast=fail_fast, reporter=reporter)

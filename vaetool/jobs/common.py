@@ -20,8 +20,17 @@ if TYPE_CHECKING:
     from vaetool.api import Vae
 
 __all__ = [
-    "DEFAULT_MODEL", "MAX_AUTO_BATCH", "ModelSpec", "RunOptions", "attention_scope", "engine_options", "load_model",
-    "model_text", "png_text", "prepare_output",
+    "DEFAULT_MODEL",
+    "MAX_AUTO_BATCH",
+    "ModelSpec",
+    "RunOptions",
+    "attention_scope",
+    "check_writable",
+    "engine_options",
+    "load_model",
+    "model_text",
+    "png_text",
+    "prepare_output",
 ]  # fmt: skip
 
 MAX_AUTO_BATCH = 16  # the most items per batch the planner is asked for
@@ -137,6 +146,19 @@ def prepare_output(out_dir: Path) -> None:
         raise OutputError(f"cannot create the output folder: {err.strerror or err}", out_dir) from None
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise OutputError("the output folder is not writable", out_dir)
+
+
+def check_writable(out_dir: Path) -> None:
+    """OutputError when the output folder could not be created or written; nothing is created (a usage error found
+    later, e.g. while the model loads, leaves no empty folder behind)."""
+    probe = out_dir
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe != out_dir and not probe.is_dir():
+        raise OutputError(f"cannot create the output folder: {probe} is not a folder", out_dir)
+    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError("the output folder is not writable" if probe == out_dir
+                          else f"cannot create the output folder: {probe} is not writable", out_dir)
 
 
 def model_text(vae: Vae) -> str:

@@ -31,8 +31,10 @@ if TYPE_CHECKING:
     from vaetool.io.manifest import ManifestWriter
     from vaetool.tiling import Tiling
 
-__all__ = ["LATENT_SUFFIX", "EncodeSettings", "encode_files", "encode_provenance", "finish_ranks", "image_loader", "image_seed",
-           "rank_and_world", "run_metadata"]
+__all__ = [
+    "LATENT_SUFFIX", "EncodeSettings", "check_model", "encode_files", "encode_provenance", "finish_ranks", "image_loader",
+    "image_seed", "rank_and_world", "run_metadata",
+]  # fmt: skip
 
 LATENT_SUFFIX = ".safetensors"
 TRAINER_OUTPUTS = ("sd-scripts", "musubi")  # formats whose files a trainer reads (vaetool.io.trainer_writers)
@@ -63,6 +65,14 @@ class EncodeSettings:
             raise UsageError(f"--format {self.format} fixes the latent form the trainer reads: drop --scaled")
         if self.format != "vaetool" and self.shard_size is not None:
             raise UsageError(f"--shard-size writes vaetool shards; it does not go with --format {self.format}")
+
+
+def check_model(vae: Vae, settings: EncodeSettings) -> None:
+    """UsageError when the output format has no file for the model's family (a trainer cache); nothing is written."""
+    if settings.format in TRAINER_OUTPUTS:
+        from vaetool.io.trainer_writers import check_family
+
+        check_family(settings.format, vae.latent_format.family)
 
 
 def image_seed(seed: int, key: str) -> int:
@@ -169,14 +179,11 @@ def encode_files(
     from vaetool.io.atomic import remove_stale_temps
 
     run = run or RunOptions()
+    check_model(vae, settings)  # a usage error before the output folder is made
     prepare_output(settings.out_dir)  # before any image is encoded
     provenance = encode_provenance(vae, settings, run.tiling)
     jobs = image_jobs(inputs, settings)
     skip: set[str] = set()
-    if settings.format in TRAINER_OUTPUTS:
-        from vaetool.io.trainer_writers import check_family
-
-        check_family(settings.format, vae.latent_format.family)
     if not settings.overwrite:
         if settings.format in TRAINER_OUTPUTS:
             skip = existing_trainer_outputs(jobs, settings, vae.latent_format.family, provenance)

@@ -38,6 +38,7 @@ from vaetool.jobs.encode import (
     LATENT_SUFFIX,
     TRAINER_OUTPUTS,
     EncodeSettings,
+    check_model,
     encode_provenance,
     image_loader,
     latents_of,
@@ -308,13 +309,10 @@ def encode_tar_shards(
     from vaetool.io.atomic import remove_stale_temps
 
     run = run or RunOptions()
+    check_model(vae, settings)  # usage errors before the output folder is made
+    names = shard_output_names(shards)
     prepare_output(settings.out_dir)
     provenance = encode_provenance(vae, settings, run.tiling)
-    if settings.format in TRAINER_OUTPUTS:
-        from vaetool.io.trainer_writers import check_family
-
-        check_family(settings.format, vae.latent_format.family)
-    names = shard_output_names(shards)
     index_path = settings.out_dir / index_name
     index = read_tar_index(index_path)
     indexes = {path: read_tar_index(path) for path in {settings.out_dir / "shards.json", index_path}}  # merged, and this rank's
