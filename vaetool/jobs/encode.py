@@ -21,7 +21,7 @@ import torch
 from vaetool.errors import InputError, UsageError
 from vaetool.jobs.common import RunOptions, engine_options, prepare_output
 from vaetool.jobs.provenance import model_provenance
-from vaetool.jobs.sinks import check_shards, existing_outputs, existing_trainer_outputs, latent_sink
+from vaetool.jobs.sinks import LATENT_SUFFIX, OUTPUT_FORMATS, TRAINER_OUTPUTS, check_shards, existing_outputs, latent_sink
 from vaetool.pipeline import Event, Job, Loaded, Stages, Summary, run_pipeline
 from vaetool.precision import Fp32Fallback
 
@@ -32,12 +32,10 @@ if TYPE_CHECKING:
     from vaetool.tiling import Tiling
 
 __all__ = [
-    "LATENT_SUFFIX", "EncodeSettings", "check_model", "encode_files", "encode_provenance", "finish_ranks", "image_loader",
-    "image_seed", "rank_and_world", "run_metadata",
+    "LATENT_SUFFIX", "EncodeSettings", "check_model", "encode_files", "encode_provenance", "encode_stage", "finish_ranks",
+    "image_loader", "image_seed", "rank_and_world", "run_metadata",
 ]  # fmt: skip
 
-LATENT_SUFFIX = ".safetensors"
-TRAINER_OUTPUTS = ("sd-scripts", "musubi")  # formats whose files a trainer reads (vaetool.io.trainer_writers)
 
 
 @dataclass(frozen=True)
@@ -57,8 +55,6 @@ class EncodeSettings:
     format: str = "vaetool"  # OUTPUT_FORMATS: vaetool files/shards, a trainer's cache files, or webdataset tars
 
     def __post_init__(self) -> None:
-        from vaetool.jobs.sinks import OUTPUT_FORMATS
-
         if self.format not in OUTPUT_FORMATS:
             raise UsageError(f"unknown output format {self.format!r} (one of: {', '.join(OUTPUT_FORMATS)})")
         if self.format in TRAINER_OUTPUTS and self.scaled:
@@ -126,6 +122,18 @@ def latents_of(vae: Vae, images: torch.Tensor, keys: Sequence[str], settings: En
     return vae.latent_format.to_scaled(latents) if settings.scaled else latents
 
 
+def encode_stage(
+    settings: EncodeSettings, run: RunOptions, fallback: Fp32Fallback
+) -> Callable[[torch.Tensor, Sequence[Job]], torch.Tensor]:
+    """The compute stage: a batch of images [B, 3, H, W] -> latents (latents_of), redone in fp32 on NaN/inf."""
+
+    def compute(images: torch.Tensor, jobs: Sequence[Job]) -> torch.Tensor:
+        keys = [j.key for j in jobs]
+        return fallback(lambda v: latents_of(v, images, keys, settings, run))
+
+    return compute
+
+
 def image_loader(settings: EncodeSettings, multiple: int, pin: bool = False) -> Callable[[Job], Loaded]:
     """The load stage: decode an image (a file, or a tar member's bytes), pad it (replicate) to a multiple of the downscale.
 
@@ -185,10 +193,8 @@ def encode_files(
     jobs = image_jobs(inputs, settings)
     skip: set[str] = set()
     if not settings.overwrite:
-        if settings.format in TRAINER_OUTPUTS:
-            skip = existing_trainer_outputs(jobs, settings, vae.latent_format.family, provenance)
-        elif settings.shard_size is None:
-            skip = existing_outputs(jobs, provenance, settings.out_dir)
+        if settings.shard_size is None:  # one file per image (a trainer's caches too)
+            skip = existing_outputs(jobs, settings, vae.latent_format.family, provenance)
         else:
             check_shards(settings, provenance)
     remove_stale_temps(settings.out_dir)  # temp files of killed runs
@@ -196,14 +202,9 @@ def encode_files(
     if manifest is not None:
         manifest.start_run(run_settings(settings, provenance, len(jobs)))
     fallback = Fp32Fallback(vae, run.on_notice)
-
-    def compute(images: torch.Tensor, jobs: Sequence[Job]) -> torch.Tensor:
-        keys = [j.key for j in jobs]
-        return fallback(lambda v: latents_of(v, images, keys, settings, run))
-
     stages = Stages(
         load=image_loader(settings, vae.downscale, pin=vae.device.type == "cuda"),
-        compute=compute,
+        compute=encode_stage(settings, run, fallback),
         write=sink.write,
         skip=sink.exists,
     )

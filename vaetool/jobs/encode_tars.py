@@ -35,18 +35,16 @@ from vaetool.io.atomic import atomic_write
 from vaetool.io.tar_index import read_tar_index, write_tar_index
 from vaetool.jobs.common import RunOptions, engine_options, prepare_output
 from vaetool.jobs.encode import (
-    LATENT_SUFFIX,
-    TRAINER_OUTPUTS,
     EncodeSettings,
     check_model,
     encode_provenance,
+    encode_stage,
     image_loader,
-    latents_of,
     manifest_events,
     run_metadata,
 )  # fmt: skip
-from vaetool.jobs.provenance import StaleOutputs, check_output, latent_provenance, mismatch
-from vaetool.jobs.sinks import Sink, latent_sink, trainer_glob, trainer_provenance
+from vaetool.jobs.provenance import StaleOutputs, check_output, mismatch
+from vaetool.jobs.sinks import LATENT_SUFFIX, Sink, job_outputs, latent_sink, output_files
 from vaetool.pipeline import Failure, Job, Stages, Summary, run_pipeline
 from vaetool.precision import Fp32Fallback
 
@@ -239,16 +237,6 @@ def _with_sidecars(sink: Sink, settings: EncodeSettings) -> Sink:
     return replace(sink, write=write)
 
 
-def _outputs_of(settings: EncodeSettings, job: Job, family: str) -> tuple[list[Path], Callable[[Path], Any]]:
-    """The per-file outputs already there for a sample job, and the reader of their provenance."""
-    from vaetool.io.trainer_writers import TRAINER_FORMATS
-
-    output = Path(str(job.output))
-    if settings.format in TRAINER_OUTPUTS:
-        return trainer_glob(TRAINER_FORMATS[settings.format], output, family), trainer_provenance
-    return ([output] if output.exists() else []), latent_provenance
-
-
 def _existing_files(settings: EncodeSettings, family: str, provenance: dict[str, Any]) -> Callable[[Job], bool]:
     """Skip test for per-file outputs: True when the sample's output is there with this run's provenance.
 
@@ -256,10 +244,12 @@ def _existing_files(settings: EncodeSettings, family: str, provenance: dict[str,
     (check_folders has stopped the run before any work for those already there when it started).
     """
 
+    _, read = output_files(settings)
+
     def ours(job: Job) -> bool:
         if job.output is None or settings.overwrite:
             return False
-        found, read = _outputs_of(settings, job, family)
+        found = job_outputs(settings, job, family)
         return bool(found) and all(check_output(output, provenance, read) is None for output in found)
 
     return ours
@@ -267,10 +257,7 @@ def _existing_files(settings: EncodeSettings, family: str, provenance: dict[str,
 
 def check_folders(settings: EncodeSettings, names: dict[str, str], provenance: dict[str, Any]) -> None:
     """StaleOutputError, before any work, when a shard's output folder holds per-file outputs of other settings."""
-    from vaetool.io.trainer_writers import TRAINER_FORMATS
-
-    suffix = TRAINER_FORMATS[settings.format].suffix if settings.format in TRAINER_OUTPUTS else LATENT_SUFFIX
-    read = trainer_provenance if settings.format in TRAINER_OUTPUTS else latent_provenance
+    suffix, read = output_files(settings)
     stale = StaleOutputs()
     for name in names.values():
         folder = settings.out_dir / name.removesuffix(".tar")
@@ -314,8 +301,8 @@ def encode_tar_shards(
     prepare_output(settings.out_dir)
     provenance = encode_provenance(vae, settings, run.tiling)
     index_path = settings.out_dir / index_name
-    index = read_tar_index(index_path)
     indexes = {path: read_tar_index(path) for path in {settings.out_dir / "shards.json", index_path}}  # merged, and this rank's
+    index = indexes[index_path]
     done = set() if settings.overwrite else _finished(settings, names, indexes, provenance)
     if settings.format != "webdataset" and not settings.overwrite:
         check_folders(settings, {spec: name for spec, name in names.items() if spec not in done}, provenance)
@@ -326,12 +313,8 @@ def encode_tar_shards(
         manifest.start_run({"command": "encode", **provenance, "shards": len(shards), "output": str(settings.out_dir),
                             "format": settings.format, "overwrite": settings.overwrite})
     fallback = Fp32Fallback(vae, run.on_notice)
+    compute = encode_stage(settings, run, fallback)
     totals = Summary()
-
-    def compute(images: torch.Tensor, jobs: Sequence[Job]) -> torch.Tensor:
-        keys = [j.key for j in jobs]
-        return fallback(lambda v: latents_of(v, images, keys, settings, run))
-
     engine = replace(engine_options(vae, "encode", run), on_event=manifest_events(manifest, run))
     load = image_loader(settings, vae.downscale, vae.device.type == "cuda")
     for spec, name in names.items():

@@ -21,18 +21,23 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import torch
 
 from vaetool.errors import OutputError, OutputExistsError
+from vaetool.io.trainer_writers import TRAINER_FORMATS, TrainerFormat, read_provenance
 from vaetool.jobs.provenance import StaleOutputs, check_output, latent_provenance, mismatch
 from vaetool.pipeline import AlreadyWritten, Job, LostWrites
 
 if TYPE_CHECKING:
     from vaetool.families import LatentFormat
     from vaetool.io.manifest import ManifestWriter
-    from vaetool.io.trainer_writers import TrainerFormat
     from vaetool.jobs.encode import EncodeSettings
 
-__all__ = ["OUTPUT_FORMATS", "Sink", "check_shards", "existing_outputs", "latent_sink", "written_meanwhile"]
+__all__ = [
+    "LATENT_SUFFIX", "OUTPUT_FORMATS", "TRAINER_OUTPUTS", "Sink", "check_shards", "existing_outputs", "job_outputs", "latent_sink",
+    "output_files", "written_meanwhile",
+]  # fmt: skip
 
-OUTPUT_FORMATS = ("vaetool", "webdataset", "sd-scripts", "musubi")  # --format; the trainers' in TRAINER_FORMATS
+LATENT_SUFFIX = ".safetensors"  # vaetool's own latent files
+TRAINER_OUTPUTS = tuple(TRAINER_FORMATS)  # formats whose files a trainer reads: sd-scripts, musubi
+OUTPUT_FORMATS = ("vaetool", "webdataset", *TRAINER_OUTPUTS)  # --format
 
 
 @dataclass(frozen=True)
@@ -44,19 +49,33 @@ class Sink:
     close: Callable[[], None]
 
 
-def existing_outputs(jobs: Sequence[Job], provenance: dict[str, Any], out_dir: Path) -> set[str]:
-    """Keys of the jobs whose output exists with this provenance; StaleOutputError when others exist (headers only)."""
+def output_files(settings: EncodeSettings) -> tuple[str, Callable[[Path], Any]]:
+    """The suffix of settings.format's per-file outputs and the reader of the provenance they record."""
+    if settings.format in TRAINER_OUTPUTS:
+        return TRAINER_FORMATS[settings.format].suffix, read_provenance
+    return LATENT_SUFFIX, latent_provenance
+
+
+def job_outputs(settings: EncodeSettings, job: Job, family: str) -> list[Path]:
+    """The per-file outputs already there for a job: its latent file, or its trainer caches whatever size they name."""
+    output = Path(str(job.output))
+    if settings.format in TRAINER_OUTPUTS:
+        return trainer_glob(TRAINER_FORMATS[settings.format], output, family)
+    return [output] if output.exists() else []
+
+
+def existing_outputs(jobs: Sequence[Job], settings: EncodeSettings, family: str, provenance: dict[str, Any]) -> set[str]:
+    """Keys of the jobs whose per-file output exists with this provenance; StaleOutputError when others exist (headers only)."""
+    _, read = output_files(settings)
     stale, ours = StaleOutputs(), set()
     for job in jobs:
-        output = Path(str(job.output))
-        if not output.exists():
-            continue
-        reason = check_output(output, provenance, latent_provenance)
-        if reason is None:
-            ours.add(job.key)
-        else:
-            stale.add(output, reason)
-    stale.raise_if_any(out_dir)
+        for output in job_outputs(settings, job, family):
+            reason = check_output(output, provenance, read)
+            if reason is None:
+                ours.add(job.key)
+            else:
+                stale.add(output, reason)
+    stale.raise_if_any(settings.out_dir)
     return ours
 
 
@@ -141,19 +160,10 @@ def trainer_glob(trainer: TrainerFormat, stem_path: Path, family: str) -> list[P
     return sorted(stem_path.parent.glob(pattern))
 
 
-def trainer_provenance(path: Path) -> Any:
-    """The provenance a trainer cache vaetool wrote records (None: none): safetensors metadata or the npz member."""
-    from vaetool.io.trainer_writers import read_provenance
-
-    return read_provenance(path)
-
-
 def _trainer_sink(
     settings: EncodeSettings, base: dict[str, Any], record: Callable[..., None], skip: set[str], latent_format: LatentFormat
 ) -> Sink:
     """One trainer cache per image (sd-scripts .npz, musubi .safetensors), named by the image's size as the trainer looks."""
-    from vaetool.io.trainer_writers import TRAINER_FORMATS
-
     trainer, family = TRAINER_FORMATS[settings.format], base["family"]
     provenance = json.dumps(base["provenance"], sort_keys=True)
 
@@ -164,27 +174,11 @@ def _trainer_sink(
         try:
             trainer.write(output, latent, latent_format, hw, overwrite=settings.overwrite, provenance=provenance)
         except OutputExistsError:
-            written_meanwhile(output, base["provenance"], trainer_provenance)
+            written_meanwhile(output, base["provenance"], read_provenance)
         record(job, output, output.stat().st_size, info)
         return output
 
     return Sink(write, lambda job: job.key in skip, lambda: None)
-
-
-def existing_trainer_outputs(jobs: Sequence[Job], settings: EncodeSettings, family: str, provenance: dict[str, Any]) -> set[str]:
-    """Keys of the jobs whose trainer cache exists with this provenance; StaleOutputError when others exist."""
-    from vaetool.io.trainer_writers import TRAINER_FORMATS
-
-    trainer, stale, ours = TRAINER_FORMATS[settings.format], StaleOutputs(), set()
-    for job in jobs:
-        for output in trainer_glob(trainer, Path(str(job.output)), family):
-            reason = check_output(output, provenance, trainer_provenance)
-            if reason is None:
-                ours.add(job.key)
-            else:
-                stale.add(output, reason)
-    stale.raise_if_any(settings.out_dir)
-    return ours
 
 
 def latent_sink(
