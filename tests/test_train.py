@@ -174,6 +174,29 @@ def test_channel_shuffle_permutes_a_crop_colours(tmp_path: Path) -> None:
     assert changed > 0
 
 
+def test_grayscale_makes_some_crops_gray_and_leaves_the_others(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from vaetool.train.data import load_folder_images
+
+    settings = load_train_settings(_config(tmp_path, data={**yaml.safe_load(_config(tmp_path).read_text())["data"],
+                                                           "grayscale": 0.5}))
+    assert settings.data.grayscale == 0.5
+    data = replace(settings.data, batch_size=1, color_jitter=0.0)
+    images = load_folder_images(settings.data.train, 32, print)
+    gray = 0
+    for step in range(12):
+        plain = random_batch(images, replace(data, grayscale=0.0), step, 0)[0]  # [3, 32, 32]
+        maybe = random_batch(images, data, step, 0)[0]
+        if torch.equal(maybe, plain):
+            continue
+        gray += 1  # the same crop, as luma in every channel
+        assert torch.equal(maybe[0], maybe[1]) and torch.equal(maybe[1], maybe[2])
+        luma = 0.299 * plain[0] + 0.587 * plain[1] + 0.114 * plain[2]
+        torch.testing.assert_close(maybe[0], luma)
+    assert 0 < gray < 12
+
+
 def test_norm_groups_are_recorded_and_a_checkpoint_alone_loads_them(runner: CliRunner, tmp_path: Path) -> None:
     model = copy.deepcopy(TINY_MODEL)
     model["params"]["ddconfig"]["norm_groups"] = 8
@@ -216,11 +239,41 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path: Path) -> None:
         torch.testing.assert_close(weights[True][key], value, atol=1e-5, rtol=1e-4, msg=key)
 
 
+def test_channels_last_gives_the_same_gradients_in_nhwc_and_resumes_bit_identically(tmp_path: Path) -> None:
+    from vaetool.train.data import load_folder_images
+    from vaetool.train.loop import build_model, train
+
+    grads = {}
+    for flag in (False, True):
+        settings = load_train_settings(_config(tmp_path, channels_last=flag))
+        model = build_model(settings, None, False).train()
+        x = random_batch(load_folder_images(settings.data.train, 32, print), settings.data, 0, 0)  # [2, 3, 32, 32]
+        x = x.contiguous(memory_format=torch.channels_last) if flag else x
+        torch.manual_seed(0)  # the posterior sample
+        (model.encode_moments(x).chunk(2, dim=1)[0].sum() + model(x)[1].square().mean()).backward()
+        grads[flag] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        kernels = [p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1]  # 1x1 weights are both layouts
+        assert all(p.is_contiguous(memory_format=torch.channels_last) == flag for p in kernels)
+    scale = max(float(g.abs().max()) for g in grads[False].values())  # float noise is relative to the largest gradient
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, atol=1e-5 * scale, rtol=1e-3, msg=name)
+    settings = load_train_settings(_config(tmp_path, steps=4, checkpoint_every=2, val_every=1000, channels_last=True))
+    whole = train(settings, tmp_path / "whole", warn=lambda msg: None)
+    train(load_train_settings(_config(tmp_path, steps=2, checkpoint_every=2, val_every=1000, channels_last=True)),
+          tmp_path / "parts", warn=lambda msg: None)
+    resumed = train(settings, tmp_path / "parts", warn=lambda msg: None)
+    assert resumed.resumed_from == 2
+    a, b = safetensors.torch.load_file(str(whole.weights)), safetensors.torch.load_file(str(resumed.weights))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_gradient_checkpointing_value_is_checked(tmp_path: Path) -> None:
     from vaetool.errors import ConfigError
 
     with pytest.raises(ConfigError, match="gradient_checkpointing must be true or false, got 'yes'"):
         load_train_settings(_config(tmp_path, gradient_checkpointing="yes"))
+    with pytest.raises(ConfigError, match="channels_last must be true or false, got 1"):
+        load_train_settings(_config(tmp_path, channels_last=1))
     with pytest.raises(ConfigError, match="did you mean 'gradient_checkpointing'"):
         load_train_settings(_config(tmp_path, gradient_checkpoint=True))
 

@@ -48,6 +48,9 @@ def load_folder_images(folders: Sequence[str], min_size: int, warn: Warn) -> lis
     return images
 
 
+GRAY_WEIGHTS = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 luma, as Pillow's convert("L")
+
+
 def to_unit(img: torch.Tensor) -> torch.Tensor:
     """uint8 [..., 3, H, W] -> float in [-1, 1]."""
     return img.float() / 127.5 - 1.0
@@ -85,6 +88,8 @@ def random_batch(images: list[torch.Tensor], data: DataSettings, step: int, seed
             patch = _jitter(patch, data.color_jitter, gen)
         if data.channel_shuffle > 0 and float(torch.rand(1, generator=gen)) < data.channel_shuffle:
             patch = patch[torch.randperm(3, generator=gen)]
+        if data.grayscale > 0 and float(torch.rand(1, generator=gen)) < data.grayscale:
+            patch = (patch * GRAY_WEIGHTS[:, None, None]).sum(0, keepdim=True).expand(3, -1, -1)  # [3, crop, crop], R = G = B
         crops.append(patch)
     return torch.stack(crops)  # [B, 3, crop, crop]
 

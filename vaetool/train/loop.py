@@ -81,7 +81,7 @@ def build_model(settings: TrainSettings, init: str | Path | None, decoder_only: 
         raise ConfigError("gradient_checkpointing: the model has no blocks that support it", settings.source)
     model.ema_decay, model.use_ema = settings.ema_decay, True
     model._init_ema()  # shadows only the trainable parameters
-    return model
+    return model.to(memory_format=torch.channels_last) if settings.channels_last else model
 
 
 def learning_rate(settings: TrainSettings, step: int) -> float:
@@ -162,6 +162,8 @@ def training_step(
 ) -> dict[str, float]:
     """One optimizer step on batch x [B, 3, H, W] in [-1, 1]; returns the loss terms as floats."""
     torch.manual_seed(settings.seed * 1_000_003 + step)  # the posterior sample: a resumed run repeats it
+    if settings.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)  # [B, 3, H, W], stored NHWC
     with torch.autocast(x.device.type, dtype=AUTOCAST[settings.precision], enabled=settings.precision != "fp32"):
         _, dec, reg_log = model(x)
     dec = dec.float()  # [B, 3, H, W]; the loss in fp32 whatever the forward ran in

@@ -25,6 +25,7 @@ class DataSettings:
     rot90: bool = True
     color_jitter: float = 0.0  # max relative change of brightness / saturation
     channel_shuffle: float = 0.0  # probability of permuting a crop's RGB channels (colour variety)
+    grayscale: float = 0.0  # probability of turning a crop gray (R = G = B): teaches the model to keep gray gray
     val_size: int = 512  # validation images are centre-cropped to at most this (multiple of 8)
 
 
@@ -60,6 +61,7 @@ class TrainSettings:
     precision: str = "fp32"  # or "bf16": the forward pass under autocast (weights, optimizer and loss stay fp32)
     init_logvar: float | None = None  # a fresh model's posterior log-variance bias (e.g. -8: near-noiseless latents)
     gradient_checkpointing: bool = False  # recompute each res/attention block in backward: less memory, more time
+    channels_last: bool = False  # NHWC weights and batches: faster bf16 convolutions where oneDNN has AMX/AVX-512 bf16
     checkpoint_every: int = 100
     val_every: int = 100
     log_every: int = 10
@@ -133,8 +135,9 @@ def load_train_settings(path: str | Path, overrides: dict[str, Any] | None = Non
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {settings.precision!r}", path)
     if settings.data.crop % 8 or settings.data.crop <= 0:
         raise ConfigError(f"data.crop must be a positive multiple of 8, got {settings.data.crop}", path)
-    if not isinstance(settings.gradient_checkpointing, bool):
-        raise ConfigError(f"gradient_checkpointing must be true or false, got {settings.gradient_checkpointing!r}", path)
+    for flag in ("gradient_checkpointing", "channels_last"):
+        if not isinstance(getattr(settings, flag), bool):
+            raise ConfigError(f"{flag} must be true or false, got {getattr(settings, flag)!r}", path)
     if settings.steps <= 0 or settings.data.batch_size <= 0:
         raise ConfigError("steps and data.batch_size must be positive", path)
     return settings
