@@ -12,6 +12,7 @@ import torch
 
 from vaetool import tiling as tiled
 from vaetool.config import instantiate_from_config, load_vae_config
+from vaetool.devices import conv_memory_format
 from vaetool.errors import ConfigError, UsageError
 from vaetool.families import LatentFormat, bind_statistics, get_family
 from vaetool.io.images import crop_to, pad_to_multiple
@@ -56,9 +57,13 @@ class Vae:
         unloaded = UNLOADED[self.parts]
         if unloaded is None:
             self.model.to(device=device, dtype=dtype)
-            return self
-        for name, child in self.model.named_children():  # the models keep every weight in a child module
-            child.to(device=device if name != unloaded else None, dtype=dtype)
+        else:
+            for name, child in self.model.named_children():  # the models keep every weight in a child module
+                child.to(device=device if name != unloaded else None, dtype=dtype)
+        layout = conv_memory_format(self.device, self.dtype)
+        for conv in self.model.modules():  # 2-D convolutions only: Conv3d weights have no channels_last
+            if isinstance(conv, torch.nn.Conv2d) and conv.weight.device.type != "meta":
+                conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
         return self
 
     def _require(self, part: str, verb: str) -> None:

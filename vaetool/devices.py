@@ -14,7 +14,8 @@ import torch
 
 from vaetool.errors import ConfigError
 
-__all__ = ["AUTO_DTYPES", "DEVICE_NAMES", "DTYPE_NAMES", "FREE_MEMORY", "free_memory", "resolve_device", "resolve_dtype"]
+__all__ = ["AUTO_DTYPES", "DEVICE_NAMES", "DTYPE_NAMES", "FREE_MEMORY", "conv_memory_format", "free_memory", "resolve_device",
+           "resolve_dtype"]
 
 DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
 DTYPE_NAMES: dict[str, torch.dtype | None] = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -49,6 +50,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPE_NAMES:
         raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)}")
     return DTYPE_NAMES[name] or AUTO_DTYPES.get(device.type, torch.float32)
+
+
+# (device type, dtype) -> the layout of 2-D convolution weights that runs fastest there, where it was measured
+# (bench/bench_vs_diffusers.py): oneDNN's bf16 convolutions on the CPU are faster with NHWC weights; fp32 is not.
+CONV_MEMORY_FORMATS: dict[tuple[str, torch.dtype], torch.memory_format] = {("cpu", torch.bfloat16): torch.channels_last}
+
+
+def conv_memory_format(device: torch.device, dtype: torch.dtype) -> torch.memory_format:
+    """The memory format for Conv2d weights on `device` in `dtype` (channels_last where measured faster, else contiguous)."""
+    return CONV_MEMORY_FORMATS.get((device.type, dtype), torch.contiguous_format)
 
 
 def _free_cuda(device: torch.device) -> int:
