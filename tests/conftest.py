@@ -15,6 +15,8 @@ from vaetool import tiling
 os.environ["COLUMNS"] = "160"  # pin Rich's console width for stable CLI output
 os.environ.setdefault("TERM", "dumb")
 os.environ["VAETOOL_CACHE_DIR"] = tempfile.mkdtemp(prefix="vaetool-test-cache-")  # the weights-hash cache, not ~/.cache
+os.environ["VAETOOL_CPU_BF16"] = "0"  # `--dtype auto` stays fp32 on any CPU (here and in subprocesses): outputs
+# compare with fp32 references; tests/test_auto_dtype.py turns native bf16 on
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

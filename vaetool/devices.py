@@ -6,6 +6,7 @@ commands can all ask it without importing each other.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -14,8 +15,8 @@ import torch
 
 from vaetool.errors import ConfigError
 
-__all__ = ["AUTO_DTYPES", "DEVICE_NAMES", "DTYPE_NAMES", "FREE_MEMORY", "conv_memory_format", "free_memory", "resolve_device",
-           "resolve_dtype"]
+__all__ = ["AUTO_DTYPES", "DEVICE_NAMES", "DTYPE_NAMES", "FREE_MEMORY", "conv_memory_format", "cpu_has_native_bf16", "free_memory",
+           "resolve_device", "resolve_dtype"]
 
 DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
 DTYPE_NAMES: dict[str, torch.dtype | None] = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -44,11 +45,36 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The torch dtype for a dtype name on `device` (auto: fp32 on CPU, fp16 on accelerators)."""
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of x86 CPUs that compute in bf16 natively
+
+
+@functools.cache
+def cpuinfo_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU flags in `cpuinfo` include bf16 instructions (AMX or AVX-512 BF16; Linux x86)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively, unless VAETOOL_CPU_BF16=0 keeps `--dtype auto` at fp32 on the CPU."""
+    return os.environ.get("VAETOOL_CPU_BF16", "1") != "0" and cpuinfo_has_bf16()
+
+
+def resolve_dtype(name: str, device: torch.device, *, cpu_bf16: bool = False) -> torch.dtype:
+    """The torch dtype for a dtype name on `device`.
+
+    auto: fp16 on accelerators; on the CPU fp32, or bf16 where `cpu_bf16` allows it (one-way jobs:
+    encode, decode) and the CPU has native bf16 (bench/bench_vs_diffusers.py: docs/memory.md).
+    """
     name = str(name).lower()
     if name not in DTYPE_NAMES:
         raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)}")
+    if name == "auto" and device.type == "cpu" and cpu_bf16 and cpu_has_native_bf16():
+        return torch.bfloat16
     return DTYPE_NAMES[name] or AUTO_DTYPES.get(device.type, torch.float32)
 
 

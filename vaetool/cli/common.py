@@ -118,7 +118,8 @@ DeviceOpt = Annotated[
 ]
 DtypeOpt = Annotated[
     Dtype,
-    typer.Option("--dtype", help="auto: fp32 on CPU, fp16 on cuda/mps (a batch with NaN is redone in fp32).", case_sensitive=False,
+    typer.Option("--dtype", help="auto: fp16 on cuda/mps; on the CPU fp32, or bf16 for encode/decode where the CPU has native bf16 "
+                 "(VAETOOL_CPU_BF16=0: fp32). A batch with NaN is redone in fp32.", case_sensitive=False,
                  rich_help_panel=COMPUTE_PANEL),
 ]
 AttentionOpt = Annotated[
