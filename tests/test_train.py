@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import math
 import signal
 import subprocess
@@ -343,3 +344,22 @@ def test_lowpass_loss_trains_and_is_logged(runner: CliRunner, tmp_path: Path) ->
     bad = _config(tmp_path, loss={"lowpass": 1.0, "lowpass_size": 5})
     result = runner.invoke(app, ["train", str(bad), "-o", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "lowpass_size" in result.stderr  # a config error is a usage error
+
+
+def test_ssim_loss_is_one_minus_the_reports_ssim_and_trains(runner: CliRunner, tmp_path: Path) -> None:
+    from vaetool.metrics import ssim
+    from vaetool.train.loop import ssim_loss
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 3, 40, 48, generator=gen) * 2 - 1  # [1, 3, 40, 48] in [-1, 1]
+    b = (a + 0.3 * torch.randn(a.shape, generator=gen)).clamp(-1, 1)
+    as_uint8 = [((t[0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy() for t in (a, b)]
+    qa, qb = ((torch.from_numpy(u).permute(2, 0, 1)[None].float() / 127.5) - 1 for u in as_uint8)  # the same 8-bit pixels
+    assert 1 - float(ssim_loss(qa, qb)) == pytest.approx(ssim(*as_uint8), abs=2e-3)  # skimage's: the same formula
+    assert float(ssim_loss(a, a)) == pytest.approx(0.0, abs=1e-6)
+    cfg = _config(tmp_path, steps=4, val_every=1000, loss={"l1": 0.0, "mse": 0.0, "ssim": 1.0})
+    result = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "run"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    assert [float(r["loss"]) for r in rows] == pytest.approx([float(r["ssim"]) for r in rows], rel=1e-5)
+    assert float(rows[-1]["ssim"]) < float(rows[0]["ssim"])

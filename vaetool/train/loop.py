@@ -31,7 +31,7 @@ from vaetool.train.data import center_crop, load_folder_images, random_batch, to
 from vaetool.train.settings import TrainSettings
 
 STATE_FILE, WEIGHTS_FILE, LOG_FILE, SUMMARY_FILE = "state.pt", "model.safetensors", "log.csv", "summary.json"
-LOG_FIELDS = ("step", "loss", "l1", "mse", "kl", "lowpass", "lr", "val_psnr", "seconds")
+LOG_FIELDS = ("step", "loss", "l1", "mse", "kl", "lowpass", "ssim", "lr", "val_psnr", "seconds")
 Progress = Callable[[int, int, dict[str, float]], None]
 AUTOCAST = {"fp32": torch.float32, "bf16": torch.bfloat16}  # `precision`: the forward pass's autocast dtype
 
@@ -157,6 +157,24 @@ def block_mean_mse(a: torch.Tensor, b: torch.Tensor, size: int) -> torch.Tensor:
     return ((F.avg_pool2d(a, size) - F.avg_pool2d(b, size)) ** 2).mean()  # [B, C, H/size, W/size] -> []
 
 
+def ssim_loss(a: torch.Tensor, b: torch.Tensor, size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """1 - mean SSIM of a and b [B, C, H, W] in [-1, 1] (Wang et al. 2004: Gaussian window, valid part, range 1)."""
+    a, b = (a + 1) / 2, (b + 1) / 2  # [B, C, H, W] in [0, 1]
+    g = torch.exp(-((torch.arange(size, dtype=a.dtype, device=a.device) - size // 2) ** 2) / (2 * sigma**2))
+    window = (g[:, None] * g[None]) / g.sum() ** 2  # [size, size], sums to 1
+    c = a.shape[1]
+    kernel = window.expand(c, 1, size, size)  # one depthwise filter per channel
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, kernel, groups=c)  # [B, C, H-size+1, W-size+1]
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    ssim = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return 1 - ssim.mean()
+
+
 def training_step(
     model: AutoencodingEngine, opt: torch.optim.Optimizer, settings: TrainSettings, x: torch.Tensor, step: int
 ) -> dict[str, float]:
@@ -169,8 +187,10 @@ def training_step(
     dec = dec.float()  # [B, 3, H, W]; the loss in fp32 whatever the forward ran in
     l1, mse = (dec - x).abs().mean(), ((dec - x) ** 2).mean()
     lowpass = block_mean_mse(dec, x, settings.loss.lowpass_size) if settings.loss.lowpass else torch.zeros(())
+    ssim = ssim_loss(dec, x) if settings.loss.ssim else torch.zeros(())
     kl = reg_log.get("kl_loss", torch.zeros((), device=x.device)).float()  # summed over a sample's latent
-    loss = settings.loss.l1 * l1 + settings.loss.mse * mse + settings.loss.lowpass * lowpass + settings.loss.kl * kl / x[0].numel()
+    loss = (settings.loss.l1 * l1 + settings.loss.mse * mse + settings.loss.lowpass * lowpass + settings.loss.ssim * ssim
+            + settings.loss.kl * kl / x[0].numel())
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss became {float(loss)} at step {step + 1}; lower lr or check the data")
     opt.zero_grad(set_to_none=True)
@@ -178,7 +198,7 @@ def training_step(
     opt.step()
     model.on_train_batch_end()
     return {"loss": float(loss.detach()), "l1": float(l1.detach()), "mse": float(mse.detach()), "kl": float(kl.detach()),
-            "lowpass": float(lowpass.detach())}
+            "lowpass": float(lowpass.detach()), "ssim": float(ssim.detach())}
 
 
 def train(

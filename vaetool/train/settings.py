@@ -43,6 +43,7 @@ class LossSettings:
     kl: float = 1e-6
     lowpass: float = 0.0  # MSE of the lowpass_size x lowpass_size block means: the low-frequency (colour) error, weighted up
     lowpass_size: int = 8
+    ssim: float = 0.0  # weight of 1 - SSIM (11x11 Gaussian window, sigma 1.5, per channel, on [0, 1]): local structure
 
 
 @dataclass(frozen=True)
