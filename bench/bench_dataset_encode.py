@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -84,13 +85,13 @@ def child(model: str, weights: str, folder: str, out: str) -> None:
     print(json.dumps({"images": len(files), "seconds": time.perf_counter() - start, "compute_seconds": compute}))
 
 
-def compare(vaetool_out: Path, diffusers_out: Path) -> tuple[int, float]:
-    """(latents compared, max abs difference) between vaetool's and diffusers' latent of each image."""
+def compare(vaetool_out: Path, diffusers_out: Path) -> tuple[int, float, float]:
+    """(latents compared, max abs difference, SNR in dB) between vaetool's and diffusers' latent of each image."""
     from safetensors.torch import load_file
 
     from vaetool.io.latents import load_latents
 
-    worst, count = 0.0, 0
+    worst, count, err, energy = 0.0, 0, 0.0, 0.0
     for path in sorted(diffusers_out.glob("*.safetensors")):
         (mine,) = sorted(vaetool_out.rglob(f"{path.stem}*.safetensors"))
         ours = load_latents(mine)[0].latent.float()
@@ -98,7 +99,8 @@ def compare(vaetool_out: Path, diffusers_out: Path) -> tuple[int, float]:
         if ours.shape != theirs.shape:
             raise SystemExit(f"{path.stem}: vaetool latent {tuple(ours.shape)} but diffusers {tuple(theirs.shape)}")
         worst, count = max(worst, float((ours - theirs).abs().max())), count + 1
-    return count, worst
+        err, energy = err + float(((ours - theirs) ** 2).sum()), energy + float((theirs**2).sum())
+    return count, worst, 10 * math.log10(energy / err) if err else math.inf
 
 
 def main() -> None:
@@ -109,6 +111,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each tool, alternating which goes first (median)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--json", type=Path, help="write the rows here too")
+    parser.add_argument("--dtype", default="auto", help="vaetool's --dtype (auto: bf16 on a CPU with native bf16, else fp32; "
+                        "the diffusers loop is fp32, as a plain script is)")
     parser.add_argument("--child", nargs=4, metavar=("MODEL", "WEIGHTS", "DIR", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -133,7 +137,7 @@ def main() -> None:
                 out = tmp / f"out-{tool}-{rep}"
                 if tool == "vaetool":
                     cmd = [sys.executable, "-m", "vaetool", "encode", str(photos), "-o", str(out), "--checkpoint", str(weights),
-                           "--family", "sd1", "--json", "-q"]  # fmt: skip
+                           "--family", "sd1", "--dtype", args.dtype, "--json", "-q"]  # fmt: skip
                 else:
                     out.mkdir()
                     cmd = [sys.executable, __file__, "--child", model, str(weights), str(photos), str(out)]
@@ -142,7 +146,7 @@ def main() -> None:
                 rows.append(row)
                 print(f"{tool:9} #{rep}: wall {row['wall']:7.1f} s ({row['images_per_s']:.2f} images/s)  compute {row['compute']:7.1f} s  "
                       f"cpu {row['cpu']:7.1f} s  peak RSS {row['peak'] / 2**20:6.0f} MiB", flush=True)  # fmt: skip
-        compared, worst = compare(tmp / "out-vaetool-0", tmp / "out-diffusers-0")
+        compared, worst, snr = compare(tmp / "out-vaetool-0", tmp / "out-diffusers-0")
     if compared != count:
         raise SystemExit(f"only {compared} of {count} latents were compared")
     med = {t: {k: statistics.median(r[k] for r in rows if r["tool"] == t) for k in ("wall", "cpu", "compute", "peak")}
@@ -155,9 +159,10 @@ def main() -> None:
           f"peak RSS vaetool/diffusers {med['vaetool']['peak'] / med['diffusers']['peak']:.2f}x")  # fmt: skip
     print(f"CPU time (user + system) ratio diffusers/vaetool: {med['diffusers']['cpu'] / med['vaetool']['cpu']:.2f}x "
           "(less sensitive to other load on a shared machine than wall time)")
-    print(f"latents: {compared} compared, max |vaetool - diffusers| {worst:.2e}")
+    print(f"latents: {compared} compared, max |vaetool - diffusers| {worst:.2e}, SNR {snr:.1f} dB (vaetool --dtype {args.dtype})")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "ratio": ratio, "max_abs_diff": worst}, indent=1))
+        args.json.write_text(json.dumps({"rows": rows, "ratio": ratio, "max_abs_diff": worst, "snr_db": snr,
+                                               "dtype": args.dtype}, indent=1))
 
 
 if __name__ == "__main__":
