@@ -6,11 +6,15 @@
    to WALLPAPER_SIDE px on its short side -> OUT/train/wallpapers. Only these packages are used for
    training; other wallpaper packages are kept for independent evaluation.
 
-Run: python scripts/prepare_mini_data.py [OUT_DIR] [--no-wallpapers]   (default: data/mini)
+3. With --eval-set: the photos of two other wallpaper packages (EVAL_PACKAGES, never trained on), resized to
+   EVAL_SIDE px on the short side -> OUT/eval, for `python scripts/eval_mini.py OUT/eval`.
+
+Run: python scripts/prepare_mini_data.py [OUT_DIR] [--no-wallpapers] [--eval-set]   (default: data/mini)
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from importlib import resources
@@ -52,6 +56,12 @@ WALLPAPER_PACKAGES = {
     "lomiri-wallpapers": "20.04.0-2",  # CC BY-SA 3.0 (per image, see its copyright file)
     "sway-backgrounds": "1.7-6",  # MIT (Expat)
 }
+# Never trained on: photos of other wallpaper packages, for an independent evaluation (--eval-set -> OUT/eval).
+EVAL_PACKAGES = {
+    "mate-backgrounds": "1.26.0-1",  # GPL-2+ / CC BY-SA (per image, see its copyright file)
+    "lomiri-wallpapers-16.04": "20.04.0-2",  # CC BY-SA 3.0 (per image, see its copyright file)
+}
+EVAL_SIDE = 432  # short side of the evaluation images: as small as the held-out photos, so as detailed per pixel
 WALLPAPER_SIDE = 768  # short side after resizing: detail per pixel closer to the small validation photos
 SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # SVGs are skipped
 
@@ -66,19 +76,22 @@ def pick_wallpapers(root: Path) -> list[Path]:
             w, h = img.size
         if w < h:
             continue
-        if "/gnome/" in path.as_posix() or path.parent.name == "backgrounds":  # one file per design in these folders
-            best[path] = (w * h, path)
+        if any(f"/{d}/" in path.as_posix() for d in ("gnome", "mate")) or path.parent.name == "backgrounds":  # a design a file
+            design = path.with_name(re.sub(r"_\d+x\d+$", "", path.stem))  # Elephants_3840x2160 is Elephants at another size
+            if w * h > best.get(design, (0, path))[0]:
+                best[design] = (w * h, path)
         elif w * h > best.get(path.parent, (0, path))[0]:
             best[path.parent] = (w * h, path)
     return sorted(p for _, p in best.values())
 
 
-def wallpapers(out: Path) -> None:
-    """apt-get download + dpkg -x each package under out/debs; write the picks, resized, under out/train/wallpapers."""
-    debs, dest = out / "debs", out / "train" / "wallpapers"
+def wallpapers(out: Path, packages: dict[str, str] = WALLPAPER_PACKAGES, split: str = "train/wallpapers",
+               side: int = WALLPAPER_SIDE) -> None:
+    """apt-get download + dpkg -x each package under out/debs; write the picks, resized to `side`, under out/split."""
+    debs, dest = out / "debs", out / split
     debs.mkdir(parents=True, exist_ok=True)
     dest.mkdir(parents=True, exist_ok=True)
-    for package, version in WALLPAPER_PACKAGES.items():
+    for package, version in packages.items():
         if not list(debs.glob(f"{package}_*.deb")):
             subprocess.run(["apt-get", "download", f"{package}={version}"], cwd=debs, check=True)
         deb = next(debs.glob(f"{package}_*.deb"))
@@ -87,16 +100,16 @@ def wallpapers(out: Path) -> None:
         for path in pick_wallpapers(root / "usr" / "share"):
             with Image.open(path) as img:
                 rgb = img.convert("RGB")
-            scale = WALLPAPER_SIDE / min(rgb.size)
+            scale = side / min(rgb.size)
             if scale < 1:
                 rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.LANCZOS)
             name = "-".join(path.relative_to(root / "usr" / "share").with_suffix("").parts[-4:])
             rgb.save(dest / f"{package}--{name}.png")
-            print(f"train: {package}: {path.relative_to(root)}")
+            print(f"{split}: {package}: {path.relative_to(root)}")
 
 
-def main(out: Path, with_wallpapers: bool = True) -> None:
-    """Write every source image as RGB PNG under out/train and out/val."""
+def main(out: Path, with_wallpapers: bool = True, eval_set: bool = False) -> None:
+    """Write every source image as RGB PNG under out/train and out/val (and the evaluation set under out/eval)."""
     for split, items in SOURCES.items():
         (out / split).mkdir(parents=True, exist_ok=True)
         for package, folder, name in items:
@@ -107,8 +120,10 @@ def main(out: Path, with_wallpapers: bool = True) -> None:
             print(f"{split}: {package}/{folder}/{name}")
     if with_wallpapers:
         wallpapers(out)
+    if eval_set:
+        wallpapers(out, EVAL_PACKAGES, "eval", EVAL_SIDE)
 
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    main(Path(args[0]) if args else Path("data/mini"), "--no-wallpapers" not in sys.argv)
+    main(Path(args[0]) if args else Path("data/mini"), "--no-wallpapers" not in sys.argv, "--eval-set" in sys.argv)
