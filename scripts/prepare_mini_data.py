@@ -20,6 +20,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 # (package, folder inside it, file) -> split. Validation photos are held out from training.
@@ -62,6 +63,7 @@ EVAL_PACKAGES = {
     "lomiri-wallpapers-16.04": "20.04.0-2",  # CC BY-SA 3.0 (per image, see its copyright file)
 }
 EVAL_SIDE = 432  # short side of the evaluation images: as small as the held-out photos, so as detailed per pixel
+FLAT_STD = 2.0  # RGB std in levels below which a wallpaper is one flat colour (its design drawn in the alpha channel)
 WALLPAPER_SIDE = 768  # short side after resizing: detail per pixel closer to the small validation photos
 SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # SVGs are skipped
 
@@ -100,6 +102,9 @@ def wallpapers(out: Path, packages: dict[str, str] = WALLPAPER_PACKAGES, split: 
         for path in pick_wallpapers(root / "usr" / "share"):
             with Image.open(path) as img:
                 rgb = img.convert("RGB")
+            if np.asarray(rgb).std() < FLAT_STD:
+                print(f"{split}: {package}: {path.relative_to(root)}: one flat colour without its alpha, skipped")
+                continue
             scale = side / min(rgb.size)
             if scale < 1:
                 rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.LANCZOS)
