@@ -1,7 +1,7 @@
 """Time `vaetool train` steps for model/crop/batch/precision options before choosing a long run's recipe.
 
     python bench/bench_train_step.py configs/train-mini.yaml --steps 6 \
-        --option base= --option 'ch32=model.params.ddconfig.ch=32' --option 'bf16=autocast=bf16'
+        --option base= --option 'ch32=model.params.ddconfig.ch=32' --option 'bf16=precision=bf16'
 
 Each option is `NAME=KEY=VALUE[;KEY=VALUE...]` (dotted keys into the training YAML, values parsed as
 YAML). Every option runs in a fresh process, one at a time; the first step (warm-up, allocator) is
