@@ -20,11 +20,14 @@ from vaetool.video.store import load_video_latents
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 128  # image pixels: mini's untiled decode estimate is ~33 MB here, its smallest tiles ~20-25 MB
-# mini, 128 px, fast mode with the planner's 64 px tiles, measured on 8-bit PNGs against the untiled output:
-# decode 39.7 dB; a round trip with fast encode and fast decode 28.5 dB (the encoder's tile error is
-# amplified by the decoder), with exact encode and fast decode 35.8 dB. The floors sit below those.
+# mini, 128 px, fast mode with the planner's 64 px tiles (8x8 latent px: fast mode's worst case), measured
+# against the untiled output: decode 36.0 dB (8-bit PNGs); encode 31.4 dB (over the latent's range); a round
+# trip with fast encode and fast decode 25.7 dB (the encoder's tile error is amplified by the decoder). The
+# mini shipped before this one (trained less, blurrier) measured 39.7 dB decode and 28.5 dB round trip.
+# The floors sit below those.
 FAST_MIN_DB = 34.0
-FAST_ROUNDTRIP_MIN_DB = 26.0
+FAST_ENCODE_MIN_DB = 30.0
+FAST_ROUNDTRIP_MIN_DB = 24.0
 
 
 def _budgets(name: str, direction: str, batch: int, height: int, width: int) -> dict[str, int]:
@@ -96,7 +99,7 @@ def test_encode(runner, photo: Path, tmp_path: Path, ran: list, tile: str, budge
         assert (out - ref).abs().max().item() <= 1e-4
     else:  # PSNR over the latent's value range, as tiling.fast.ERROR_DB measures it
         span, mse = (ref.max() - ref.min()).item(), (out - ref).square().mean().item()
-        assert 10 * math.log10(span**2 / mse) >= FAST_MIN_DB
+        assert 10 * math.log10(span**2 / mse) >= FAST_ENCODE_MIN_DB
 
 
 @pytest.mark.parametrize(("tile", "budget", "mode", "exact"), CASES)
