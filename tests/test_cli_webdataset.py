@@ -246,7 +246,8 @@ def test_decode_reads_webdataset_latent_tars_member_by_member(runner, shards: Pa
     (loose / "s0.safetensors").parent.mkdir(parents=True)
     (loose / "s0.safetensors").write_bytes(members["s0.latent.safetensors"])
     assert runner.invoke(app, ["decode", str(loose / "s0.safetensors"), "-o", str(loose), *MODEL]).exit_code == 0
-    assert np.array_equal(np.asarray(Image.open(png / "data-0000" / "s0.png")), np.asarray(Image.open(loose / "s0.png")))
+    from_tar, alone = (np.asarray(Image.open(p)).astype(int) for p in (png / "data-0000" / "s0.png", loose / "s0.png"))
+    assert np.abs(from_tar - alone).max() <= 1  # decoded in a batch of two or alone: float noise may flip a rounding
     assert Image.open(png / "data-0001" / "s2.png").size == (40, 24)  # the padding recorded in the member is cropped
     again = json.loads(runner.invoke(app, ["decode", str(lat), "-o", str(png), *MODEL, "--json"]).stdout)
     assert (again["done"], again["skipped"]) == (0, 5)
