@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -56,3 +57,20 @@ def test_cli_encode_and_decode_say_bf16_and_roundtrip_stays_fp32(runner: CliRunn
     assert rt.exit_code == 0 and "bf16" not in rt.stderr, rt.output
     fp32 = runner.invoke(app, ["decode", str(tmp_path / "lat"), "-o", str(tmp_path / "png32"), "--dtype", "fp32"])
     assert fp32.exit_code == 0 and "bf16" not in fp32.stderr
+
+
+def test_bf16_auto_decode_is_deterministic_and_within_45_db_of_fp32(runner: CliRunner, monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    img = tmp_path / "in" / "cat.png"
+    img.parent.mkdir()
+    Image.open(EXAMPLE).convert("RGB").crop((0, 0, 256, 192)).save(img)
+    assert runner.invoke(app, ["encode", str(img), "-o", str(tmp_path / "lat"), "--dtype", "fp32"]).exit_code == 0
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    outs = {}
+    for name, extra in (("bf16", []), ("bf16 again", []), ("fp32", ["--dtype", "fp32"])):
+        result = runner.invoke(app, ["decode", str(tmp_path / "lat"), "-o", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+        outs[name] = np.asarray(Image.open(tmp_path / name / "cat.png")).astype(np.float64)
+    assert np.array_equal(outs["bf16"], outs["bf16 again"])
+    mse = np.mean((outs["bf16"] - outs["fp32"]) ** 2)
+    assert mse > 0 and 10 * np.log10(255**2 / mse) >= 45.0  # bf16 did run; the shipped mini: ~57 dB
