@@ -221,6 +221,25 @@ def test_fast_tiles_are_close_to_untiled_and_the_cli_runs_them(runner, tmp_path:
     assert len(got) == 9 and all(np.array_equal(a, b) for a, b in zip(got, _frames(tiled), strict=True))
 
 
+def test_the_video_plan_sizes_bf16_as_fp32(wan) -> None:
+    """bf16 does not halve a Wan video decode's peak (bench/bench_wan_video.py), so the planner budgets it as fp32."""
+    import copy
+
+    from vaetool.tiling import Tiling
+    from vaetool.tiling.causal import plan_video
+
+    shape, half = (1, 16, 3, 32, 32), copy.deepcopy(wan).to(torch.bfloat16)
+    for budget in ("48MiB", "38MiB", "30MiB"):
+        tiling = Tiling(max_memory=budget)
+        try:
+            want = plan_video(wan, shape, tiling)
+        except Exception as err:  # too small for fp32: too small for bf16 too
+            with pytest.raises(type(err)):
+                plan_video(half, shape, tiling)
+            continue
+        assert plan_video(half, shape, tiling) == want
+
+
 def test_auto_tiles_under_a_small_budget(runner, tmp_path: Path, wan) -> None:
     from vaetool.tiling import Tiling
     from vaetool.tiling.causal import plan_video
