@@ -79,11 +79,11 @@ def pick_wallpapers(root: Path) -> list[Path]:
         if w < h:
             continue
         if any(f"/{d}/" in path.as_posix() for d in ("gnome", "mate")) or path.parent.name == "backgrounds":  # a design a file
-            design = path.with_name(re.sub(r"_\d+x\d+$", "", path.stem))  # Elephants_3840x2160 is Elephants at another size
-            if w * h > best.get(design, (0, path))[0]:
-                best[design] = (w * h, path)
-        elif w * h > best.get(path.parent, (0, path))[0]:
-            best[path.parent] = (w * h, path)
+            key = path.with_name(re.sub(r"_\d+x\d+$", "", path.stem))  # Elephants_3840x2160 is Elephants at another size
+        else:  # a design a folder (its variants and sizes)
+            key = path.parent
+        if w * h > best.get(key, (0, path))[0]:
+            best[key] = (w * h, path)
     return sorted(p for _, p in best.values())
 
 

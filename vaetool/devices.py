@@ -68,7 +68,7 @@ def resolve_dtype(name: str, device: torch.device, *, cpu_bf16: bool = False) ->
     """The torch dtype for a dtype name on `device`.
 
     auto: fp16 on accelerators; on the CPU fp32, or bf16 where `cpu_bf16` allows it (one-way jobs:
-    encode, decode) and the CPU has native bf16 (bench/bench_vs_diffusers.py: docs/memory.md).
+    encode, decode) and the CPU has native bf16 (measured: docs/speed.md).
     """
     name = str(name).lower()
     if name not in DTYPE_NAMES:

@@ -72,7 +72,8 @@ def plan_video(model: WanVAE, latent_shape: tuple[int, ...], tiling: Tiling) -> 
     device = weight.device
     # Sized as fp32 whatever the weights: in bf16 the peak does not halve (bench/bench_wan_video.py, 33 frames at
     # 480x832: untiled 4.17 GiB, fast 256 px tiles 5.0 GiB, where a bf16-sized estimate promised 4 and 3 GiB).
-    elem, dtype = max(weight.element_size(), 4), torch.float32
+    dtype = torch.float32
+    elem = dtype.itemsize
     budget = memory.budget_for(model, tiling.budget, device)
     height, width = h * f, w * f
     kw = {"dtype": dtype, "device": device}
