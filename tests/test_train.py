@@ -363,3 +363,13 @@ def test_ssim_loss_is_one_minus_the_reports_ssim_and_trains(runner: CliRunner, t
     rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
     assert [float(r["loss"]) for r in rows] == pytest.approx([float(r["ssim"]) for r in rows], rel=1e-5)
     assert float(rows[-1]["ssim"]) < float(rows[0]["ssim"])
+
+
+def test_cli_trains_in_nhwc_with_gray_crops(runner: CliRunner, tmp_path: Path) -> None:
+    data = {**yaml.safe_load(_config(tmp_path).read_text())["data"], "grayscale": 0.5}
+    cfg = _config(tmp_path, steps=2, val_every=1000, channels_last=True, data=data)
+    result = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "run"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    weights = safetensors.torch.load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert set(weights) == set(instantiate_from_config(TINY_MODEL).state_dict())  # every key written, layout aside
+    assert all(torch.isfinite(v).all() for v in weights.values())
