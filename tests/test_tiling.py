@@ -109,13 +109,13 @@ def test_exact_tiles_differ_from_per_tile_statistics(models: dict) -> None:
 @pytest.mark.parametrize("bn_kernel", [True, False])
 def test_tile_statistics_match_float64(monkeypatch: pytest.MonkeyPatch, bn_kernel: bool) -> None:
     """A strided tile of a batch: per-sample, per-channel mean and M2 as float64 var_mean gives them (both kernels)."""
-    from vaetool.tiling import exact
+    from vaetool.nn import groupstats
 
     if not bn_kernel:
-        monkeypatch.setattr(exact, "BN_STATS_DEVICES", frozenset())  # the var_mean path other devices take
+        monkeypatch.setattr(groupstats, "BN_STATS_DEVICES", frozenset())  # the var_mean path other devices take
     gen = torch.Generator().manual_seed(3)
     t = (torch.randn(3, 8, 40, 50, generator=gen) * 3 + 20)[:, :, 3:31, 5:47]  # a view, not contiguous; mean >> std
-    stats = exact.Stats.of(t)
+    stats = groupstats.Stats.of(t)
     var, mean = torch.var_mean(t.double(), dim=(2, 3), correction=0)  # [3, 8] each
     assert stats.count == 28 * 42
     assert torch.allclose(stats.mean, mean, rtol=1e-6, atol=0)

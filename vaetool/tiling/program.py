@@ -20,6 +20,7 @@ from torch import nn
 
 from vaetool.nn.blocks import AttnBlock, Downsample, NoAttn, ResnetBlock, Upsample, is_plain_3x3, upsample_conv_phases
 from vaetool.nn.coders import Decoder, Encoder
+from vaetool.nn.groupstats import Norm
 from vaetool.nn.temporal import AE3DConv, Conv2DWrapper, VideoResBlock
 
 TensorFn = Callable[[torch.Tensor], torch.Tensor]
@@ -48,17 +49,6 @@ class Window:
         """Input positions [lo, hi) (unclipped: may reach into the padding) read by outputs [a, b)."""
         lo = a * self.stride[dim] - self.pad_lo[dim]
         return lo, (b - 1) * self.stride[dim] - self.pad_lo[dim] + self.kernel[dim]
-
-
-@dataclass(frozen=True)
-class Norm:
-    """GroupNorm (+ SiLU) parameters; `per_clip` pools statistics over the frames of a clip."""
-
-    weight: torch.Tensor  # [C]
-    bias: torch.Tensor  # [C]
-    groups: int
-    eps: float
-    per_clip: bool = False
 
 
 @dataclass(frozen=True)
