@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from cli_helpers import noise_png, subprocess_env
@@ -194,8 +196,13 @@ def test_torchrun_by_shard_with_a_kill_in_the_middle(runner, tmp_path: Path) -> 
     deadline = time.monotonic() + 240
     while _tar_written(out) == 0 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
+    ranks = psutil.Process(proc.pid).children(recursive=True)  # torchrun starts each rank in its own session
     os.killpg(proc.pid, signal.SIGKILL)  # every rank dies
+    for rank in ranks:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            rank.kill()
     proc.wait()
+    psutil.wait_procs(ranks, timeout=30)
     killed_with = _tar_written(out)
     assert 0 < killed_with < 4, "the run was not killed mid-way"
     result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
