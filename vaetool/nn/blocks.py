@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaetool.nn import banded
 from vaetool.nn.attention import attention
 
 
@@ -32,6 +33,13 @@ def nonlinearity(x: torch.Tensor) -> torch.Tensor:
 def norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """swish(norm(x)); without autograd the swish overwrites the fresh norm output (one full-size buffer less)."""
     return F.silu(norm(x), inplace=not torch.is_grad_enabled())
+
+
+def norm_silu_conv(norm: nn.Module, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """conv(swish(norm(x))): row-banded (vaetool.nn.banded) for large inference activations, else plainly."""
+    if isinstance(norm, nn.GroupNorm) and banded.is_plain_conv(conv) and banded.applies(x, conv):
+        return banded.norm_silu_conv(norm, conv, x)
+    return conv(norm_silu(norm, x))
 
 
 def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
@@ -76,17 +84,35 @@ def is_plain_3x3(conv: nn.Conv2d) -> bool:
 _PHASE_TAPS = (((0,), (1, 2)), ((0, 1), (2,)))
 
 
-def upsample_conv_phases(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """conv(nearest_x2(x)) as four 2x2 convs on x, one per output phase: 4/9 of the work, no 4x buffer."""
+def phase_kernels(conv: nn.Conv2d) -> list[tuple[int, int, torch.Tensor]]:
+    """The four 2x2 kernels (row parity, column parity, [Cout, Cin, 2, 2]) of nearest x2 then `conv`."""
     w = conv.weight  # [Cout, Cin, 3, 3]
-    b, _, h, wd = x.shape
-    xp = F.pad(x, (1, 1, 1, 1))  # [B, Cin, H+2, W+2]
-    out = x.new_empty(b, w.shape[0], 2 * h, 2 * wd)  # [B, Cout, 2H, 2W]
+    kernels = []
     for a, rows in enumerate(_PHASE_TAPS):
         wr = torch.stack([w[:, :, list(t)].sum(2) for t in rows], dim=2)  # [Cout, Cin, 2, 3]
         for c, cols in enumerate(_PHASE_TAPS):
-            k = torch.stack([wr[..., list(t)].sum(-1) for t in cols], dim=-1)  # [Cout, Cin, 2, 2]
-            out[:, :, a::2, c::2] = F.conv2d(xp[:, :, a : a + h + 1, c : c + wd + 1], k, conv.bias)  # [B, Cout, H, W]
+            kernels.append((a, c, torch.stack([wr[..., list(t)].sum(-1) for t in cols], dim=-1)))  # [Cout, Cin, 2, 2]
+    return kernels
+
+
+def upsample_conv_phases(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """conv(nearest_x2(x)) as four 2x2 convs on x, one per output phase: 4/9 of the work, no 4x buffer.
+
+    Large inference inputs on the CPU go a band of rows at a time (vaetool.nn.banded): small
+    zero-bordered copies instead of one padded copy of the whole input.
+    """
+    b, _, h, wd = x.shape
+    kernels = phase_kernels(conv)
+    fmt = banded.memory_format(x)
+    out = torch.empty(b, conv.out_channels, 2 * h, 2 * wd, dtype=x.dtype, device=x.device, memory_format=fmt)  # [B, Cout, 2H, 2W]
+    rows = banded.band_rows(x) if banded.applies(x, conv, factor=4) else h
+    for r0 in range(0, h, rows):
+        r1 = min(r0 + rows, h)
+        lo, hi = max(r0 - 1, 0), min(r1 + 1, h)
+        xb = F.pad(x[:, :, lo:hi], (1, 1, 1 - (r0 - lo), 1 - (hi - r1)))  # [B, Cin, r1-r0+2, W+2]: rows r0-1..r1, zeros outside
+        for a, c, k in kernels:
+            y = F.conv2d(xb[:, :, a : a + r1 - r0 + 1, c : c + wd + 1], k, conv.bias)  # [B, Cout, r1-r0, W]
+            out[:, :, 2 * r0 + a : 2 * r1 : 2, c::2] = y
     return out
 
 
@@ -141,7 +167,18 @@ class ResnetBlock(nn.Module):
             return x
         return self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
 
+    def runs_banded(self, x: torch.Tensor, temb: torch.Tensor | None) -> bool:
+        """Whether this forward takes vaetool.nn.banded's path (same result, a band of rows at a time)."""
+        return (
+            temb is None
+            and banded.applies(x, self)
+            and all(banded.is_plain_conv(c) for c in (self.conv1, self.conv2))
+            and (self.in_channels == self.out_channels or not self.use_conv_shortcut)
+        )
+
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor:
+        if self.runs_banded(x, temb):
+            return banded.resnet_forward(self.norm1, self.conv1, self.norm2, self.conv2, x, self.shortcut)
         h = self.conv1(norm_silu(self.norm1, x))  # [B, Cout, H, W]
         if temb is not None:
             h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]

@@ -21,7 +21,7 @@ from torch import nn
 
 from vaetool.config import resolve_target
 from vaetool.errors import ConfigError
-from vaetool.nn.blocks import Downsample, Normalize, ResnetBlock, Upsample, make_attn, norm_silu, set_norm_groups
+from vaetool.nn.blocks import Downsample, Normalize, ResnetBlock, Upsample, make_attn, norm_silu, norm_silu_conv, set_norm_groups
 from vaetool.nn.checkpoint import run_checkpointed
 
 Op = Callable[..., nn.Module] | str | dict[str, Any] | None
@@ -108,7 +108,7 @@ class Encoder(nn.Module):
             if i_level != self.num_resolutions - 1:
                 h = down.downsample(h)  # [B, C, ceil(H/2), ceil(W/2)]
         h = run(self.mid.block_2, run(self.mid.attn_1, run(self.mid.block_1, h)))
-        return self.conv_out(norm_silu(self.norm_out, h))  # [B, 2z, H/f, W/f]
+        return norm_silu_conv(self.norm_out, self.conv_out, h)  # [B, 2z, H/f, W/f]
 
 
 class Decoder(nn.Module):
@@ -203,6 +203,5 @@ class Decoder(nn.Module):
                 h = up.upsample(h)  # [B, C, 2h, 2w]
         if self.give_pre_end:
             return h
-        h = norm_silu(self.norm_out, h)
-        h = self.conv_out(h, **kwargs) if kwargs else self.conv_out(h)
+        h = norm_silu_conv(self.norm_out, self.conv_out, h) if not kwargs else self.conv_out(norm_silu(self.norm_out, h), **kwargs)
         return torch.tanh(h) if self.tanh_out else h  # [B, out_ch, H, W]
