@@ -62,6 +62,16 @@ def test_one_tile_over_the_frame_is_the_untiled_encode(wan, n: int, tile: int) -
     assert got.shape == want.shape and (got - want).abs().max().item() <= 1e-5
 
 
+def test_a_one_frame_clip_in_tiles_is_the_image_fast_encode(wan) -> None:
+    from vaetool.tiling.fast import encode_fast
+
+    x = _clip(1, 64, 96)
+    with torch.inference_mode():
+        want = encode_fast(wan, x[:, :, 0], tile_size=32)  # [1, 32, 8, 12]
+        got = encode_video_fast(wan, x, tile_size=32)[:, :, 0]
+    assert (got - want).abs().max().item() <= 1e-5
+
+
 def test_several_tiles_stay_within_the_measured_floor(wan) -> None:
     x = _clip(9, 64, 96)
     with torch.inference_mode():
