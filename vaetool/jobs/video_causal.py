@@ -17,6 +17,7 @@ import torch
 from vaetool.errors import InputError
 from vaetool.families import LatentFormat
 from vaetool.precision import Fp32Fallback
+from vaetool.tiling import Choice
 
 if TYPE_CHECKING:
     from vaetool.api import Vae
@@ -36,16 +37,12 @@ class CausalClip(NamedTuple):
     fmt: LatentFormat  # the form scaled latents are in (the file's recorded one, else the model's)
 
 
-def _ignored(settings: VideoSettings, decodes: bool) -> list[str]:
-    """The options given that a causal video VAE does not use (the tiling ones are used when it decodes)."""
-    tiling = settings.tiling
+def _ignored(settings: VideoSettings) -> list[str]:
+    """The options given that a causal video VAE does not use (the tiling ones it uses, to encode and to decode)."""
     given = {
         "--chunk-frames": settings.chunk_frames is not None,
         "--overlap": settings.overlap is not None,
         "--batch-size": settings.batch_size is not None,
-        f"--tile {tiling.mode}": tiling.mode in ("exact", "fast") and not decodes,
-        "--tile-size": tiling.tile_size is not None and not decodes,
-        "--max-memory": tiling.max_memory is not None and not decodes,
     }
     return [name for name, on in given.items() if on]
 
@@ -73,14 +70,19 @@ def read_causal(vae: Vae, path: Path, fps: float | None, warn: Callable[[str], N
 
 def encode_clip(
     vae: Vae, path: Path, settings: VideoSettings, fallback: Fp32Fallback, notice: Callable[[str], None], *, scaled: bool
-) -> CausalClip:
-    """A frame folder, animation or video file, encoded as one clip."""
+) -> tuple[CausalClip, Choice]:
+    """A frame folder, animation or video file, encoded as one clip, and the planner's tiling for it."""
+    from vaetool.tiling.causal_encode import plan_video_encode
     from vaetool.video.causal import encode_causal
     from vaetool.video.frames import open_frames
 
-    info, frames = open_frames(path, fps=settings.fps, resize=settings.resize)
-    latents, count, size = encode_causal(vae, frames, scaled=scaled, fallback=fallback, source=path, notice=notice)
-    return CausalClip(latents, count, info.fps, size, scaled, vae.latent_format)
+    info, stream = open_frames(path, fps=settings.fps, resize=settings.resize)
+    frames = list(stream)
+    height, width = frames[0].image.shape[1:] if frames else (1, 1)
+    choice = plan_video_encode(vae.model, len(frames), int(height), int(width), settings.tiling) if frames else Choice("off", None, 1)
+    latents, count, size = encode_causal(vae, frames, scaled=scaled, fallback=fallback, source=path, notice=notice,
+                                         tile=choice.tile_size, overlap=settings.tiling.overlap)  # fmt: skip
+    return CausalClip(latents, count, info.fps, size, scaled, vae.latent_format), choice
 
 
 def run_causal(
@@ -105,18 +107,20 @@ def run_causal(
             f"not {vae.latent_format.family}; wrong --model/--config for this file?",
             input_path,
         )
-    if ignored := _ignored(settings, action.value != "encode"):
+    if ignored := _ignored(settings):
         notice(
             f"{', '.join(ignored)}: not used by a causal video VAE, which codes the clip through its causal cache "
-            "(encode untiled; decode one latent frame at a time, in spatial tiles when needed)"
+            "(encode tile by tile through the clip, decode one latent frame at a time, in spatial tiles when needed)"
         )
-    if action.value != "encode" and settings.tiling.mode == "exact":
+    if settings.tiling.mode == "exact":
         notice("--tile exact: a causal video VAE has no exact tiles; fast tiles are used")
     factor = int(vae.model.time_downscale)
+    encoded: dict[str, Any] = {}  # the encode's tiling choice
     if action.value == "decode":
         clip = read_causal(vae, input_path, settings.fps, warn)
     else:
-        clip = encode_clip(vae, input_path, settings, fallback, notice, scaled=settings.scaled and action.value == "encode")
+        clip, chosen = encode_clip(vae, input_path, settings, fallback, notice, scaled=settings.scaled and action.value == "encode")
+        encoded = {"tile_mode": chosen.mode, "tile": chosen.tile_size}
     shape = list(clip.latents.shape)  # [1, C, T', h, w]
     summary: dict[str, Any] = {
         "frames": clip.frames,
@@ -131,11 +135,12 @@ def run_causal(
         base = video_metadata(vae, fps=clip.fps, frames=clip.frames, size=clip.size, scaled=clip.scaled, source=input_path.name)
         meta = causal_metadata(base, vae.latent_format, frames=clip.frames, latent_frames=shape[2], factor=factor)
         save_causal(outputs[0], clip.latents, meta, overwrite=settings.overwrite)
-        return summary
+        return summary | encoded
     choice = plan_video(vae.model, tuple(shape), settings.tiling)
     frames = decode_causal(
         vae, clip.latents, frames=clip.frames, size=clip.size, scaled=clip.scaled, fmt=clip.fmt, fallback=fallback, source=input_path,
         tile=choice.tile_size, overlap=settings.tiling.overlap,
     )  # fmt: skip
     write_frames(outputs, frames, fps=clip.fps, count=clip.frames, overwrite=settings.overwrite)
+    summary |= {f"encode_{k}": v for k, v in encoded.items()}  # roundtrip: the encode's tiling beside the decode's
     return summary | {"temporal": True, "chunk_frames": factor, "overlap": 0, "tile_mode": choice.mode, "tile": choice.tile_size}

@@ -89,12 +89,18 @@ def encode_causal(
     fallback: Fp32Fallback | None = None,
     source: str | Path | None = None,
     notice: Callable[[str], None] | None = None,
+    tile: int | None = None,
+    overlap: int | None = None,
 ) -> tuple[torch.Tensor, int, tuple[int, int]]:
     """Frames (all one size) -> (latent [1, C, T', ceil(H/f), ceil(W/f)] float32 on CPU, real frame count, (H, W)).
 
     The posterior mode. Frames are padded bottom/right to a multiple of the downscale (replicate)
-    and in time to 1 + 4k by repeating the last frame (`notice` hears it).
+    and in time to 1 + 4k by repeating the last frame (`notice` hears it). `tile`: fast spatial
+    tiles of that edge in image px, tile by tile through the clip (vaetool.tiling.causal_encode),
+    `overlap` px shared.
     """
+    from vaetool.tiling.causal_encode import encode_video_fast
+
     fallback = fallback or Fp32Fallback(vae)
     images = [frame.image for frame in frames]
     if not images:
@@ -111,7 +117,10 @@ def encode_causal(
 
     def call(v: Vae) -> torch.Tensor:
         with torch.inference_mode():
-            return v.model.encode_video_moments(x.to(v.device, v.dtype))  # [1, 2C, T', h, w]
+            xv = x.to(v.device, v.dtype)
+            if tile is None:
+                return v.model.encode_video_moments(xv)  # [1, 2C, T', h, w]
+            return encode_video_fast(v.model, xv, tile_size=tile, overlap=overlap)  # [1, 2C, T', h, w]
 
     moments = _finite(fallback(call, what), what, source)
     mean = moments[:, : vae.latent_format.channels].float().cpu()  # [1, C, T', h, w]
