@@ -131,10 +131,26 @@ def test_tile_estimates() -> None:
     assert fast == sorted(fast) and fast[-1] < untiled
     exact_cpu = memory.estimate_tile_peak("sd1", "decode", 256, mode="exact", height=1024, width=1024)
     exact_gpu = memory.estimate_tile_peak("sd1", "decode", 256, mode="exact", height=1024, width=1024, device="cuda")
-    assert fast[1] < exact_cpu < untiled  # exact holds full-size activations on the host (here: the CPU)
-    assert exact_gpu < exact_cpu
-    one_tile = memory.estimate_tile_peak("sd1", "encode", 256)
-    assert one_tile > memory.estimate_peak("sd1", "encode", 256, 256)  # a tile plus its halo
+    untiled_gpu = memory.estimate_peak("sd1", "decode", 1024, 1024, device="cuda")
+    assert fast[1] < exact_cpu  # exact holds full-size activations on the host (here: the CPU) ...
+    assert untiled < exact_cpu  # ... about what the CPU's row-banded untiled forward holds (vaetool.nn.banded)
+    assert exact_gpu < exact_cpu and exact_gpu < untiled_gpu < 2 * untiled  # no banding on an accelerator
+
+
+def test_banded_steps_lower_the_cpu_estimate_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU estimate counts the row-banded forward where it runs (large activations), not below MIN_BYTES."""
+    from vaetool.nn import banded
+
+    def both(size: int) -> tuple[int, int]:
+        with_bands = memory.estimate_peak("sd1", "decode", size, size)
+        with monkeypatch.context() as m:
+            m.setattr(banded, "DEVICES", frozenset())  # the plain forward, as on an accelerator
+            return with_bands, memory.estimate_peak("sd1", "decode", size, size)
+
+    big, big_plain = both(1024)
+    assert big < 0.6 * big_plain  # measured on the CPU: 1812 MiB where the plain forward peaked at 3.6 GiB
+    small, small_plain = both(128)
+    assert small == small_plain  # nothing that small is banded
 
 
 def test_plan_untiled_when_it_fits() -> None:

@@ -23,6 +23,7 @@ from torch import nn
 from vaetool.memory_archs import ARCHITECTURES, STEP_COSTS
 from vaetool.memory_steps import ATTN_KINDS, FF_WIDTH, Arch, Step, attention_bytes, decoder_steps, encoder_steps
 from vaetool.nn import attention as attn
+from vaetool.nn import banded
 
 __all__ = ["Arch", "Direction", "Step", "TileMode", "architecture", "estimate_peak", "estimate_tile_peak"]
 
@@ -96,6 +97,10 @@ def _step_cost(st: Step, hw: tuple[int, int], b: int, elem: int, ctx: dict[str, 
         return b * c * area * elem
 
     ci, co = act(st.cin), act(st.cout)
+    if st.banded and ctx.get("banded", True) and ctx["device"].type in banded.DEVICES:
+        cost = _banded_cost(st, hw, b, elem, ws, ci, co)
+        if cost is not None:
+            return cost
     if st.kind == "conv":
         return int(co + ws * ci), int(co)
     if st.kind in ("res", "vres"):
@@ -127,6 +132,28 @@ def _step_cost(st: Step, hw: tuple[int, int], b: int, elem: int, ctx: dict[str, 
     if st.kind == "head":
         return int(max(2 * ci, ci + co + ws * ci)), int(co)
     return int(co), int(co)  # copy (torch.cat of the chunks)
+
+
+def _banded_cost(st: Step, hw: tuple[int, int], b: int, elem: int, ws: float, ci: float, co: float) -> tuple[int, int] | None:
+    """A step run row-banded (vaetool.nn.banded; None when its input is under MIN_BYTES): its output plus a few bands.
+
+    A band is about BAND_BYTES of normalised input (at least 4 rows), and two bands' tensors can be
+    alive at once (the next is made before the last is dropped). res: the first conv's output and
+    the bands' inputs, conv outputs and workspace, then in place the second conv's and the
+    shortcut's bands (a 1x1 shortcut copies its strided input band); up: the 4x output, the padded bands and the phases' outputs.
+    """
+    def band(c: int) -> float:  # one band's normalised input [b, c, rows + 2, w + 2]
+        return max(banded.BAND_BYTES, 4 * b * c * (hw[1] + 2) * elem)
+
+    if st.kind == "res" and ci >= banded.MIN_BYTES:
+        first = band(st.cin) * (2 + ws + 2 * st.cout / st.cin)
+        second = band(st.cout) * (5 + ws + (2 * st.cin / st.cout if st.cin != st.cout else 0))  # + the 1x1 shortcut's input bands
+        return int(co + max(first, second)), int(co)
+    if st.kind == "up" and 4 * ci >= banded.MIN_BYTES:
+        return int(4 * co + band(st.cin) * (2 + ws + 2 * st.cout / st.cin)), int(4 * co)
+    if st.kind == "head" and ci >= banded.MIN_BYTES:
+        return int(co + band(st.cin) * (2 + ws) + 2 * band(st.cout)), int(co)
+    return None
 
 
 def _size(height: int, width: int, level: int) -> tuple[int, int]:
@@ -269,6 +296,7 @@ def estimate_tile_peak(
                           batch, elem, ctx, full_out, arch.tile_scale)  # fmt: skip
     else:
         on_host = ctx["device"].type == "cpu"
+        ctx = ctx | {"banded": False}  # exact tiles run the tiling program's ops, never the banded forward
         peak = 0
         for st in steps:
             full_hw = _size(height, width, st.level)

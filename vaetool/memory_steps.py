@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from vaetool.nn import attention as attn
+from vaetool.nn import banded
+from vaetool.nn.blocks import is_plain_3x3
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Step:
     heads: int = 1
     inner: int = 0
     depth: int = 1
+    banded: bool = False  # may run row-banded (vaetool.nn.banded) when its input is large enough, on the CPU
 
 
 ATTN_KINDS = frozenset({"attn", "vattn", "xattn", "xvattn", "wattn"})  # global steps: they run on the whole map
@@ -60,6 +63,19 @@ def _res_kind(block: nn.Module) -> str:
     return "vres" if hasattr(block, "time_stack") else "res"
 
 
+def _res_step(block: nn.Module, level: int) -> Step:
+    """A res block's Step; a plain ResnetBlock whose structure allows it may run banded (video blocks are not counted so)."""
+    kind = _res_kind(block)
+    bandable = kind == "res" and hasattr(block, "bandable") and block.bandable()
+    return Step(kind, block.in_channels, block.out_channels, level, banded=bandable)
+
+
+def _head_step(norm: nn.Module, conv: nn.Module, level: int) -> Step:
+    """The norm-swish-conv head; banded when the norm is a GroupNorm and the conv a plain one."""
+    bandable = isinstance(norm, nn.GroupNorm) and banded.is_plain_conv(conv)
+    return Step("head", conv.in_channels, conv.out_channels, level, banded=bandable)
+
+
 def _attn_step(block: nn.Module, channels: int, level: int) -> Step | None:
     """The Step of one attention block, told apart by structure (AttnBlock, AttnVideoBlock, the spatial transformers)."""
     if hasattr(block, "transformer_blocks"):
@@ -79,14 +95,14 @@ def encoder_steps(enc: nn.Module, quant: nn.Module | None) -> list[Step]:
     steps, level = [Step("conv", enc.conv_in.in_channels, enc.conv_in.out_channels, 0)], 0
     for down in enc.down:
         for i, block in enumerate(down.block):
-            steps.append(Step(_res_kind(block), block.in_channels, block.out_channels, level))
+            steps.append(_res_step(block, level))
             steps += _attn_steps(down.attn[i : i + 1], block.out_channels, level)
         if hasattr(down, "downsample"):
             steps.append(Step("down", block.out_channels, block.out_channels, level))
             level += 1
     c = enc.mid.block_1.out_channels
-    steps += [Step("res", c, c, level), *_attn_steps([enc.mid.attn_1], c, level), Step("res", c, c, level)]
-    steps.append(Step("head", c, enc.conv_out.out_channels, level))
+    steps += [_res_step(enc.mid.block_1, level), *_attn_steps([enc.mid.attn_1], c, level), _res_step(enc.mid.block_2, level)]
+    steps.append(_head_step(enc.norm_out, enc.conv_out, level))
     if quant is not None:
         steps.append(Step("conv", quant.in_channels, quant.out_channels, level))
     return [*steps, Step("copy", steps[-1].cout, steps[-1].cout, level)]
@@ -96,16 +112,16 @@ def decoder_steps(dec: nn.Module, post_quant: nn.Module | None, level: int) -> l
     steps = [] if post_quant is None else [Step("conv", post_quant.in_channels, post_quant.out_channels, level)]
     c = dec.conv_in.out_channels
     steps.append(Step("conv", dec.conv_in.in_channels, c, level))
-    kind = _res_kind(dec.mid.block_1)
-    steps += [Step(kind, c, c, level), *_attn_steps([dec.mid.attn_1], c, level), Step(kind, c, c, level)]
+    steps += [_res_step(dec.mid.block_1, level), *_attn_steps([dec.mid.attn_1], c, level), _res_step(dec.mid.block_2, level)]
     for up in reversed(dec.up):
         for i, block in enumerate(up.block):
-            steps.append(Step(_res_kind(block), block.in_channels, block.out_channels, level))
+            steps.append(_res_step(block, level))
             steps += _attn_steps(up.attn[i : i + 1], block.out_channels, level)
         if hasattr(up, "upsample"):
-            steps.append(Step("up", block.out_channels, block.out_channels, level))
+            phases = up.upsample.with_conv and is_plain_3x3(up.upsample.conv)
+            steps.append(Step("up", block.out_channels, block.out_channels, level, banded=phases))
             level -= 1
-    steps.append(Step("head", dec.conv_out.in_channels, dec.conv_out.out_channels, level))
+    steps.append(_head_step(dec.norm_out, dec.conv_out, level))
     return [*steps, Step("copy", dec.conv_out.out_channels, dec.conv_out.out_channels, level)]
 
 

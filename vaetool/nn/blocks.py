@@ -167,14 +167,14 @@ class ResnetBlock(nn.Module):
             return x
         return self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
 
+    def bandable(self) -> bool:
+        """Whether the block's structure allows vaetool.nn.banded's path: plain convs, no 3x3 shortcut."""
+        convs_plain = all(banded.is_plain_conv(c) for c in (self.conv1, self.conv2))
+        return convs_plain and (self.in_channels == self.out_channels or not self.use_conv_shortcut)
+
     def runs_banded(self, x: torch.Tensor, temb: torch.Tensor | None) -> bool:
         """Whether this forward takes vaetool.nn.banded's path (same result, a band of rows at a time)."""
-        return (
-            temb is None
-            and banded.applies(x, self)
-            and all(banded.is_plain_conv(c) for c in (self.conv1, self.conv2))
-            and (self.in_channels == self.out_channels or not self.use_conv_shortcut)
-        )
+        return temb is None and banded.applies(x, self) and self.bandable()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None, **kwargs: object) -> torch.Tensor:
         if self.runs_banded(x, temb):
