@@ -94,7 +94,7 @@ def run_causal(
     warn: Callable[[str], None],
 ) -> dict[str, Any]:
     """Run a video job on a causal video VAE; returns the summary's fields (frames, fps, size, latent shape, ...)."""
-    from vaetool.tiling.causal import plan_video
+    from vaetool.tiling.causal_plan import plan_video
     from vaetool.video.causal import causal_metadata, decode_causal, is_causal_vae, padded_frames, save_causal
     from vaetool.video.store import video_metadata
     from vaetool.video.writers import write_frames
@@ -135,7 +135,8 @@ def run_causal(
     choice = plan_video(vae.model, tuple(shape), settings.tiling)
     frames = decode_causal(
         vae, clip.latents, frames=clip.frames, size=clip.size, scaled=clip.scaled, fmt=clip.fmt, fallback=fallback, source=input_path,
-        tile=choice.tile_size, overlap=settings.tiling.overlap,
+        tile=choice.tile_size, overlap=settings.tiling.overlap, order=choice.order or "frames",
     )  # fmt: skip
     write_frames(outputs, frames, fps=clip.fps, count=clip.frames, overwrite=settings.overwrite)
-    return summary | {"temporal": True, "chunk_frames": factor, "overlap": 0, "tile_mode": choice.mode, "tile": choice.tile_size}
+    return summary | {"temporal": True, "chunk_frames": factor, "overlap": 0, "tile_mode": choice.mode, "tile": choice.tile_size,
+                      "tile_order": choice.order}
