@@ -57,11 +57,14 @@ def test_the_estimate_counts_what_each_order_holds(wan) -> None:
         # tile-major needs grow with the tile
         needs = [estimate_video(wan, short, dtype, t, "tiles") for t in (64, 128, 192)]
         assert needs == sorted(needs)
-    # bf16: measured peaks are 0.6-0.8 of fp32's, not half (docs/memory.md): its scale is larger
-    assert VIDEO_SCALE[torch.bfloat16] > VIDEO_SCALE[torch.float32]
-    for tile, order in ((None, "frames"), (64, "frames"), (64, "tiles")):
+    # bf16 halves the peak once freed memory leaves the process (docs/memory.md): all but the float32 buffers halve
+    assert 1.0 <= VIDEO_SCALE <= 1.15
+    for tile, order, most in ((None, "frames", 0.6), (64, "frames", 0.6), (64, "tiles", 0.9)):  # tile-major: its float32 clip
+        half, full = (video_need(wan, short, dtype, tile, order) for dtype in (torch.bfloat16, torch.float32))
+        assert half["output"] == full["output"] and half.get("clip", 0) * 2 >= full.get("clip", 0)  # float32 frames whatever the weights
+        assert all(2 * half[k] == full[k] for k in ("caches", "past"))
         ratio = estimate_video(wan, short, torch.bfloat16, tile, order) / estimate_video(wan, short, torch.float32, tile, order)
-        assert 0.55 < ratio < 1.0
+        assert 0.5 < ratio < most
 
 
 def test_the_planner_goes_untiled_frame_major_tile_major_then_refuses(wan) -> None:

@@ -94,6 +94,7 @@ def run_causal(
     warn: Callable[[str], None],
 ) -> dict[str, Any]:
     """Run a video job on a causal video VAE; returns the summary's fields (frames, fps, size, latent shape, ...)."""
+    from vaetool.memory import return_freed_memory
     from vaetool.tiling.causal_plan import plan_video
     from vaetool.video.causal import causal_metadata, decode_causal, is_causal_vae, padded_frames, save_causal
     from vaetool.video.store import video_metadata
@@ -133,6 +134,7 @@ def run_causal(
         save_causal(outputs[0], clip.latents, meta, overwrite=settings.overwrite)
         return summary
     choice = plan_video(vae.model, tuple(shape), settings.tiling)
+    return_freed_memory()  # the estimate is calibrated so (a bf16 decode held up to 2.5x its tensors without)
     frames = decode_causal(
         vae, clip.latents, frames=clip.frames, size=clip.size, scaled=clip.scaled, fmt=clip.fmt, fallback=fallback, source=input_path,
         tile=choice.tile_size, overlap=settings.tiling.overlap, order=choice.order or "frames",

@@ -4,8 +4,9 @@ A decode holds one chunk's working set (the image estimate of `time_downscale` f
 vaetool.memory's estimate_peak untiled, estimate_tile_peak for a fast tile), the causal caches
 (`cache_bytes`: each causal conv's past frames; frame-major, summed over all tiles with their
 overlaps; tile-major, one tile's) and, tile-major, the whole clip's `low` and float32
-accumulator (vaetool.tiling.causal). The sum is scaled by VIDEO_SCALE, measured per dtype
-(bench/calibrate_wan_video.py, docs/memory.md).
+accumulator (vaetool.tiling.causal), and the top level's causal conv input with its two past
+frames (`_past`). The sum is scaled by VIDEO_SCALE, measured (bench/calibrate_wan_video.py,
+docs/memory.md) with glibc's mmap threshold fixed as `vaetool video decode` fixes it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from vaetool.tiling.causal import ORDERS, video_tiles
 
 __all__ = ["VIDEO_SCALE", "VideoChoice", "cache_bytes", "plan_video", "video_need"]
 
-VIDEO_SCALE: dict[torch.dtype, float] = {torch.float32: 1.0, torch.bfloat16: 1.0, torch.float16: 1.0}  # measured / estimate pieces
+# The pieces' sum is 0.97-1.10 of the measured peak over the calibration cases, fp32 and bf16 alike (docs/memory.md), with glibc's
+# mmap threshold fixed (vaetool.memory.return_freed_memory, as `vaetool video decode` runs): without it bf16 held up to 2.5x
+# its tensors (freed blocks under glibc's dynamic 32 MiB threshold stay in the heap), which no per-dtype factor fits.
+VIDEO_SCALE = 1.04
 
 
 class VideoChoice(NamedTuple):
@@ -54,6 +58,14 @@ def _low_channels(decoder: Decoder3d) -> int:
     return decoder.upsamples[cut].resample[1].in_channels if cut < len(decoder.upsamples) else decoder.head[2].in_channels
 
 
+def _past(channels: int, height: int, width: int, batch: int, elem: int) -> int:
+    """A full-resolution causal conv's input with its past: [past, chunk] (2 frames more than the chunk) and oneDNN's copy of it.
+
+    The image estimate of a 4-frame chunk counts 4 input frames; at the top level the conv reads 6.
+    """
+    return 2 * 2 * channels * height * width * batch * elem
+
+
 def video_need(
     model: WanVAE,
     latent_shape: tuple[int, ...],
@@ -69,30 +81,34 @@ def video_need(
     height, width, elem = h * f, w * f, dtype.itemsize
     kw = {"dtype": dtype, "device": device}
     out = b * 3 * td * height * width * 4  # a chunk of frames in float32 as the writers get it
+    top = model.decoder.head[2].in_channels
     if tile is None:
         chunk = memory.estimate_peak(model, "decode", height, width, td * b, **kw)
-        return {"chunk": chunk, "caches": cache_bytes(model.decoder, h, w, b, elem), "output": out}
+        past = _past(top, height, width, b, elem)
+        return {"chunk": chunk, "past": past, "caches": cache_bytes(model.decoder, h, w, b, elem), "output": out}
     tiles = video_tiles(h, w, f, tile, overlap)
+    r, c = max(tiles, key=lambda rc: (rc[0].hi - rc[0].lo) * (rc[1].hi - rc[1].lo))  # the largest tile
+    th, tw = (r.hi - r.lo) * f, (c.hi - c.lo) * f
+    past = _past(top, th, tw, b, elem)
     if order == "frames":
         rows, cols = sorted({(r.lo, r.hi) for r, _ in tiles}), sorted({(c.lo, c.hi) for _, c in tiles})
         extent = sum(hi - lo for lo, hi in rows), sum(hi - lo for lo, hi in cols)  # overlaps counted twice
         chunk = memory.estimate_tile_peak(model, "decode", tile, td * b, mode="fast", height=height, width=width, **kw)
-        return {"chunk": chunk, "caches": cache_bytes(model.decoder, *extent, b, elem), "output": out}
+        return {"chunk": chunk, "past": past, "caches": cache_bytes(model.decoder, *extent, b, elem), "output": out}
     if order != "tiles":
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
-    r, c = max(tiles, key=lambda rc: (rc[0].hi - rc[0].lo) * (rc[1].hi - rc[1].lo))  # the largest tile
-    th, tw = (r.hi - r.lo) * f, (c.hi - c.lo) * f
     chunk = memory.estimate_tile_peak(model, "decode", tile, td * b, mode="fast", height=min(th, height), width=min(tw, width), **kw)
     frames = 1 + td * (t - 1)
     clip = b * 3 * frames * height * width * 4 + b * _low_channels(model.decoder) * t * h * w * elem  # accumulator + low
-    return {"chunk": chunk, "caches": cache_bytes(model.decoder, r.hi - r.lo, c.hi - c.lo, b, elem), "output": out, "clip": clip}
+    caches = cache_bytes(model.decoder, r.hi - r.lo, c.hi - c.lo, b, elem)
+    return {"chunk": chunk, "past": past, "caches": caches, "output": out, "clip": clip}
 
 
 def estimate_video(model: WanVAE, latent_shape: tuple[int, ...], dtype: torch.dtype, tile: int | None = None, order: str = "frames",
                    overlap: int | None = None, device: str | torch.device = "cpu") -> int:  # fmt: skip
-    """Estimated peak bytes of a video decode (weights included): `video_need`'s pieces times VIDEO_SCALE of the dtype."""
+    """Estimated peak bytes of a video decode (weights included): `video_need`'s pieces times VIDEO_SCALE."""
     pieces = video_need(model, latent_shape, dtype, tile, order, overlap, device)
-    return int(VIDEO_SCALE.get(dtype, 1.0) * sum(pieces.values()))
+    return int(VIDEO_SCALE * sum(pieces.values()))
 
 
 def plan_video(model: WanVAE, latent_shape: tuple[int, ...], tiling: Tiling) -> VideoChoice:
