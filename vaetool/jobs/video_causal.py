@@ -134,7 +134,8 @@ def run_causal(
         save_causal(outputs[0], clip.latents, meta, overwrite=settings.overwrite)
         return summary
     choice = plan_video(vae.model, tuple(shape), settings.tiling)
-    return_freed_memory()  # the estimate is calibrated so (a bf16 decode held up to 2.5x its tensors without)
+    if settings.tiling.max_memory is not None or choice.mode != "off":
+        return_freed_memory()  # where memory is short: the estimate is calibrated so (a bf16 decode held up to 2.5x without)
     frames = decode_causal(
         vae, clip.latents, frames=clip.frames, size=clip.size, scaled=clip.scaled, fmt=clip.fmt, fallback=fallback, source=input_path,
         tile=choice.tile_size, overlap=settings.tiling.overlap, order=choice.order or "frames",
