@@ -1,19 +1,22 @@
 """A Wan 2.1 video decode through the CLI within a budget: `vaetool video decode -c wan --random-weights`.
 
     python bench/bench_wan_video.py                                     # 33 frames at 480x832, bf16, 4GiB
+    python bench/bench_wan_video.py --budgets 3GiB 2GiB                 # the runs of docs/memory.md
     python bench/bench_wan_video.py --frames 5 --size 64 96 --dtype fp32 --budgets off 1GiB   # smoke test
 
 The latent is standard normal (seed 0), [1, 16, 1 + (frames - 1) / 4, H / 8, W / 8], written as a
 whole-clip latent file (layout BCTHW) with the metadata `vaetool video encode` gives it. Each case
 is one `python -m vaetool video decode LATENT -o DIR -c wan --random-weights --dtype D --json`
 process (bench_cli_tiling.run_cli: wall, CPU, peak RSS from os.wait4); `off` is `--tile off`, a
-budget is `--tile auto --max-memory BUDGET`. "within budget": the peak RSS is at most the budget
+budget is `--tile auto --max-memory BUDGET`; "plan" is what the JSON summary says ran (off, or the
+tile order and edge). "within budget": the peak RSS is at most the budget
 plus the baseline (the same command on a 1-frame 8 x 8 latent: the runtime and the weights).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -64,8 +67,8 @@ def main() -> None:
             raise SystemExit(f"baseline: {base['error']}")
         print(f"Wan video decode, {args.frames} frames at {args.size[0]}x{args.size[1]}, {args.dtype}, {args.threads} threads; "
               f"baseline (1 frame, 64 px): peak {base['peak'] / 2**20:.0f} MiB", flush=True)  # fmt: skip
-        print("| case | wall s | cpu s | s per frame | peak RSS MiB | peak - baseline MiB | within budget |")
-        print("|---|---|---|---|---|---|---|")
+        print("| case | plan | wall s | cpu s | s per frame | peak RSS MiB | peak - baseline MiB | within budget |")
+        print("|---|---|---|---|---|---|---|---|")
         for case in args.budgets:
             flags = ["--tile", "off"] if case == "off" else ["--tile", "auto", "--max-memory", case]
             out = work / case.replace(".", "_")
@@ -75,7 +78,9 @@ def main() -> None:
                 print(f"| {case} | {row['error']} |", flush=True)
                 continue
             within = "" if case == "off" else str(row["peak"] <= memory.parse_memory(case) + base["peak"])
-            print(f"| {case} | {row['wall']:.1f} | {row['cpu']:.1f} | {row['wall'] / args.frames:.2f} | {row['peak'] / 2**20:.0f} "
+            summary = json.loads((work / f"{out.name}.log").read_text())
+            plan = summary["tile_mode"] if summary["tile_mode"] == "off" else f"{summary['tile_order']}, {summary['tile']} px"
+            print(f"| {case} | {plan} | {row['wall']:.1f} | {row['cpu']:.1f} | {row['wall'] / args.frames:.2f} | {row['peak'] / 2**20:.0f} "
                   f"| {(row['peak'] - base['peak']) / 2**20:.0f} | {within} |", flush=True)  # fmt: skip
 
 

@@ -25,7 +25,7 @@ from vaetool.memory_estimate import Direction, TileMode, architecture, estimate_
 
 __all__ = [
     "FREE_MEMORY", "Plan", "architecture", "budget_for", "estimate_peak", "estimate_tile_peak", "format_bytes", "free_memory",
-    "measure_peak", "parse_memory", "plan",
+    "measure_peak", "parse_memory", "plan", "return_freed_memory",
 ]  # fmt: skip
 
 DEFAULT_MARGIN = 0.8  # the default budget is this share of the free memory
@@ -171,6 +171,26 @@ def _proc_status(key: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {key}")
 
 
+MMAP_THRESHOLD = 128 * 1024  # bytes: glibc serves larger allocations by mmap, so they leave the RSS when freed
+
+
+def return_freed_memory() -> bool:
+    """glibc: serve allocations over MMAP_THRESHOLD by mmap and trim the heap above it, for this whole process; False elsewhere.
+
+    By default glibc raises its mmap threshold up to 32 MiB as large blocks are freed, and blocks
+    below it come from a heap that keeps freed memory: a bf16 Wan video decode then held up to 2.5x
+    its live tensors (docs/memory.md). The estimates are calibrated with this set.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD (fixed: no dynamic growth)
+    libc.mallopt(-1, MMAP_THRESHOLD)  # M_TRIM_THRESHOLD
+    libc.malloc_trim(0)
+    return True
+
+
 def measure_peak(fn: Callable[[], object], device: str | torch.device = "cpu") -> int:
     """Peak bytes `fn()` allocates above what is in use when it starts (CUDA: allocator stats; CPU: Linux peak RSS).
 
@@ -188,10 +208,7 @@ def measure_peak(fn: Callable[[], object], device: str | torch.device = "cpu") -
         return int(torch.cuda.max_memory_allocated(device) - start)
     if not Path("/proc/self/clear_refs").exists():
         raise RuntimeError("measuring CPU peak memory needs Linux (/proc/self/clear_refs)")
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (fixed: no dynamic growth)
-    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-    libc.malloc_trim(0)
+    return_freed_memory()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     start = _proc_status("VmRSS")
     fn()

@@ -1,18 +1,22 @@
-"""Wan 2.1 / Qwen-Image video decode within a budget: one latent frame at a time, in spatial tiles.
+"""Wan 2.1 / Qwen-Image video decode within a budget: spatial tiles through the causal cache, in two orders.
 
 The causal decoder already streams time (`WanVAE.decode_video_frames`: each latent frame through
-one FrameCache). Fast tiles split space too, frame-major: for each latent frame, the
-latent-resolution part (`Decoder3d.low`: conv1, the middle block with its per-frame attention, the
-first level) runs exactly on the whole latent frame through one cache; the rest (`Decoder3d.high`,
-convs only: Wan's RMS norm is per pixel, so nothing else is global) runs on overlapping latent
-tiles, each carrying its own FrameCache from frame to frame, and the tiles are cross-faded with
-the image fast mode's windows and cosine ramps (vaetool.tiling.fast.tile_spans). Memory: one
-chunk's working set for one tile, plus the caches (about two frames per causal conv, over all
-tiles: they do not shrink with the tile), plus one chunk of output frames; none of it grows with
-the clip's length.
+one FrameCache). Fast tiles split space too. The latent-resolution part (`Decoder3d.low`: conv1,
+the middle block with its per-frame attention, the first level) runs exactly on whole latent
+frames through one cache; the rest (`Decoder3d.high`, convs only: Wan's RMS norm is per pixel, so
+nothing else is global) runs on overlapping latent tiles, each carrying its own FrameCache from
+frame to frame, and the tiles are cross-faded with the image fast mode's windows and cosine ramps
+(vaetool.tiling.fast.tile_spans).
 
-`plan_video` picks untiled or the tile edge from the image estimate for one chunk
-(`time_downscale` frames) plus the caches. Error against the untiled decode: docs/memory.md.
+- frame-major (`decode_video_fast`, order "frames"): for each latent frame, every tile; all the
+  tiles' caches are alive at once (about two frames per causal conv, over all tiles: they do not
+  shrink with the tile), plus one chunk's float32 blend buffer. Streams: nothing grows with the clip.
+- tile-major (`decode_video_tiles`, order "tiles"): for each tile, every latent frame; one tile's
+  cache at a time, but `low` of the whole clip and a float32 accumulator of the whole clip's
+  frames [B, 3, T, H, W] are held until the last tile. The same tiles, windows and sums per pixel
+  in the same order as frame-major, so the same output.
+
+vaetool.tiling.causal_plan picks untiled, an order and the tile edge for a budget.
 """
 
 from __future__ import annotations
@@ -22,96 +26,46 @@ from itertools import product
 
 import torch
 
-from vaetool import memory
-from vaetool.errors import MemoryBudgetError
-from vaetool.nn.causal import CausalConv3d, FrameCache
-from vaetool.nn.util import loaded_weight
-from vaetool.nn.wan import Decoder3d, Resample, WanVAE
-from vaetool.tiling import Choice, Tiling
-from vaetool.tiling.fast import default_overlap, tile_spans
+from vaetool.nn.causal import FrameCache
+from vaetool.nn.wan import WanVAE
+from vaetool.tiling.fast import TileSpan, default_overlap, tile_spans
 
-__all__ = ["cache_bytes", "decode_video_fast", "plan_video"]
+__all__ = ["ORDERS", "decode_video_fast", "decode_video_tiles", "latent_tile", "video_tiles"]
+
+ORDERS = ("frames", "tiles")  # frame-major, tile-major
 
 
-def cache_bytes(decoder: Decoder3d, height: int, width: int, batch: int = 1, elem: int = 4) -> int:
-    """Bytes the FrameCache holds decoding a latent of height x width latent px: each causal conv's past frames."""
-    total, scale = 0, 1
-    for block in (decoder.conv1, *decoder.middle, *decoder.upsamples, decoder.head):
-        for m in block.modules():
-            if isinstance(m, CausalConv3d) and m.time_pad:
-                total += m.time_pad * m.in_channels * height * scale * width * scale  # [B, Cin, time_pad, h', w']
-        if isinstance(block, Resample) and block.mode.startswith("up"):
-            scale *= 2
-    return total * batch * elem
-
-
-def _latent_tile(tile: int, overlap: int | None, f: int) -> tuple[int, int]:
+def latent_tile(tile: int, overlap: int | None, f: int) -> tuple[int, int]:
     """(tile, overlap) in latent px for a tile edge and overlap in image px."""
     return max(1, tile // f), max(0, default_overlap(tile, overlap) // f)
 
 
-def _tiled_extent(n: int, tile: int, overlap: int | None, f: int) -> int:
-    """Latent px along an axis of `n` that the tiles cover in all, overlaps counted twice."""
-    t, o = _latent_tile(tile, overlap, f)
-    return sum(s.hi - s.lo for s in tile_spans(n, n * f, t + o, o, 1, f))
+def video_tiles(h: int, w: int, f: int, tile: int, overlap: int | None) -> list[tuple[TileSpan, TileSpan]]:
+    """The (row, column) spans of the tiles over a latent frame of h x w, in decode order."""
+    t, o = latent_tile(tile, overlap, f)
+    return list(product(tile_spans(h, h * f, t + o, o, 1, f), tile_spans(w, w * f, t + o, o, 1, f)))
 
 
-def plan_video(model: WanVAE, latent_shape: tuple[int, ...], tiling: Tiling) -> Choice:
-    """Untiled ("off") or fast tiles of some edge for a latent clip [B, C, t, h, w] within the tiling's budget.
-
-    `--tile exact` is read as fast (no exact tiles for a causal video). A given tile size is used
-    as is; else the budget less the caches must hold the image estimate of one chunk.
-    """
-    b, _, _, h, w = latent_shape
-    f, chunk = int(model.downscale), int(model.time_downscale) * b
-    if tiling.mode == "off":
-        return Choice("off", None, 1)
-    if tiling.tile_size is not None and tiling.mode != "auto":
-        return Choice("fast", tiling.tile_size, 1)
-    weight = loaded_weight(model)
-    device = weight.device
-    # Sized as fp32 whatever the weights: in bf16 the peak does not halve (bench/bench_wan_video.py, 33 frames at
-    # 480x832: untiled 4.17 GiB, fast 256 px tiles 5.0 GiB, where a bf16-sized estimate promised 4 and 3 GiB).
-    dtype = torch.float32
-    elem = dtype.itemsize
-    budget = memory.budget_for(model, tiling.budget, device)
-    height, width = h * f, w * f
-    kw = {"dtype": dtype, "device": device}
-    untiled = memory.estimate_peak(model, "decode", height, width, chunk, **kw) + cache_bytes(model.decoder, h, w, b, elem)
-    if untiled <= budget:
-        return Choice("off", None, 1) if tiling.mode == "auto" else Choice("fast", max(height, width), 1)
-
-    def need(tile: int) -> int:
-        caches = cache_bytes(model.decoder, _tiled_extent(h, tile, tiling.overlap, f), _tiled_extent(w, tile, tiling.overlap, f), b, elem)
-        peak = memory.estimate_tile_peak(model, "decode", tile, chunk, mode="fast", height=height, width=width, **kw)
-        return peak + caches
-
-    step = f * memory.TILE_STEP
-    tiles = range(step, max(height, width) + step, step)
-    fitting = [t for t in tiles if need(t) <= budget]
-    if not fitting:
-        raise MemoryBudgetError(
-            f"{memory.format_bytes(budget)} is too small to decode a {width}x{height} video: the smallest tile ({step} px, "
-            f"fast mode, with its causal caches) needs {memory.format_bytes(need(step), round_up=True)}"
-        )
-    return Choice("fast", fitting[-1], 1)
+def _windows(
+    tiles: list[tuple[TileSpan, TileSpan]], height: int, width: int, device: torch.device
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each tile's blend window [h', w'] and their sum over the frame [H, W], float32."""
+    weights = [(r.weight[:, None] * c.weight[None, :]).to(device) for r, c in tiles]  # [h', w'] each
+    total = torch.zeros(height, width, dtype=torch.float32, device=device)
+    for (r, c), weight in zip(tiles, weights, strict=True):
+        total[r.olo : r.ohi, c.olo : c.ohi] += weight
+    return weights, total
 
 
 def decode_video_fast(model: WanVAE, z: torch.Tensor, *, tile_size: int, overlap: int | None = None) -> Iterator[torch.Tensor]:
-    """Latent video [B, z, t, h, w] -> per latent frame, its frames [B, 3, 1 or time_downscale, H, W] in [-1, 1], tiled.
+    """Latent video [B, z, t, h, w] -> per latent frame, its frames [B, 3, 1 or time_downscale, H, W] in [-1, 1], tiled frame-major.
 
     Tiles of `tile_size` image px plus `overlap` (default a quarter) shared with each neighbour.
     """
     dec, f = model.decoder, int(model.downscale)
     h, w = z.shape[3:]
-    t, o = _latent_tile(tile_size, overlap, f)
-    rows = tile_spans(h, h * f, t + o, o, 1, f)
-    cols = tile_spans(w, w * f, t + o, o, 1, f)
-    tiles = list(product(rows, cols))
-    weights = [(r.weight[:, None] * c.weight[None, :]).to(z.device) for r, c in tiles]  # [h', w'] each
-    total = torch.zeros(h * f, w * f, dtype=torch.float32, device=z.device)
-    for (r, c), weight in zip(tiles, weights, strict=True):
-        total[r.olo : r.ohi, c.olo : c.ohi] += weight
+    tiles = video_tiles(h, w, f, tile_size, overlap)
+    weights, total = _windows(tiles, h * f, w * f, z.device)
     x = model.conv2(z)  # [B, z, t, h, w]: 1x1x1, latent-sized
     low_cache, caches = FrameCache(), [FrameCache() for _ in tiles]
     for i in range(z.shape[2]):
@@ -125,3 +79,32 @@ def decode_video_fast(model: WanVAE, z: torch.Tensor, *, tile_size: int, overlap
         if acc is None:
             raise RuntimeError("tiling bug: no tiles")
         yield (acc / total).to(z.dtype).clamp_(-1.0, 1.0)  # [B, 3, T, H, W]
+
+
+def decode_video_tiles(model: WanVAE, z: torch.Tensor, *, tile_size: int, overlap: int | None = None) -> Iterator[torch.Tensor]:
+    """`decode_video_fast`'s output, computed tile-major: each tile runs the whole clip through its own cache, then the chunks go out.
+
+    Holds the whole clip's `low` [B, C, t, h, w] and a float32 accumulator [B, 3, T, H, W]; only one
+    tile's FrameCache is alive at a time.
+    """
+    dec, f, td = model.decoder, int(model.downscale), int(model.time_downscale)
+    b, _, t, h, w = z.shape
+    tiles = video_tiles(h, w, f, tile_size, overlap)
+    weights, total = _windows(tiles, h * f, w * f, z.device)
+    x, low_cache = model.conv2(z), FrameCache()  # [B, z, t, h, w]
+    low = torch.cat([dec.low(x[:, :, i : i + 1], low_cache) for i in range(t)], dim=2)  # [B, C, t, h, w], exact
+    del x, low_cache
+    counts = [1] + [td] * (t - 1)  # frames per latent frame
+    acc = torch.zeros(b, 3, sum(counts), h * f, w * f, dtype=torch.float32, device=z.device)  # [B, 3, T, H, W]
+    for (r, c), weight in zip(tiles, weights, strict=True):
+        cache, k = FrameCache(), 0
+        for i in range(t):
+            y = dec.high(low[:, :, i : i + 1, r.lo : r.hi, c.lo : c.hi], cache)  # [B, 3, n, h', w']
+            acc[:, :, k : k + y.shape[2], r.olo : r.ohi, c.olo : c.ohi] += y.float() * weight
+            k += y.shape[2]
+        del cache
+    del low
+    k = 0
+    for n in counts:
+        yield (acc[:, :, k : k + n] / total).to(z.dtype).clamp_(-1.0, 1.0)  # [B, 3, n, H, W]
+        k += n

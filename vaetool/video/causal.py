@@ -139,17 +139,19 @@ def decode_causal(
     source: str | Path | None = None,
     tile: int | None = None,
     overlap: int | None = None,
+    order: str = "frames",
 ) -> Iterator[np.ndarray]:
     """Latent [1, C, T', h, w] -> the first `frames` uint8 frames [H, W, 3], cropped to `size` (H, W) when given.
 
     Scaled latents are made raw with `fmt` (the file's recorded form; default: the model's). Streamed:
     the model decodes one latent frame (4 frames) at a time through its causal cache, and each
     frame goes out before the next latent frame is decoded. `tile`: fast spatial tiles of that
-    edge in image px (vaetool.tiling.causal), `overlap` px shared. A half-precision chunk that is
+    edge in image px (vaetool.tiling.causal), `overlap` px shared, in `order` "frames" (frame-major,
+    streamed) or "tiles" (tile-major: the clip is decoded before its first frame goes out). A half-precision chunk that is
     not finite restarts the clip in fp32 (the cache holds its past), past the frames already given.
     """
     from vaetool.precision import HALF_DTYPES
-    from vaetool.tiling.causal import decode_video_fast
+    from vaetool.tiling.causal import decode_video_fast, decode_video_tiles
 
     fallback = fallback or Fp32Fallback(vae)
     z = (fmt or vae.latent_format).to_raw(latents) if scaled else latents  # [1, C, T', h, w]
@@ -159,7 +161,8 @@ def decode_causal(
         zv = z.to(v.device, v.dtype)
         if tile is None:
             return v.model.decode_video_frames(zv)
-        return decode_video_fast(v.model, zv, tile_size=tile, overlap=overlap)
+        tiled = decode_video_tiles if order == "tiles" else decode_video_fast
+        return tiled(v.model, zv, tile_size=tile, overlap=overlap)
 
     model, given = vae, 0
     while True:
