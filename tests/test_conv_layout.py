@@ -1,36 +1,45 @@
-"""Conv2d weights in NHWC for bf16 on the CPU (faster in oneDNN): same results as the plain layout, fp32 untouched."""
+"""Conv2d weights in NHWC for bf16 and fp32 on the CPU (faster in oneDNN): same results as the plain layout."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from vaetool.api import load_vae
+from vaetool.api import ENCODER_SIDE, load_vae
 from vaetool.devices import conv_memory_format
 from vaetool.tiling import Tiling
 
 
-def _conv_weights(vae) -> list[torch.Tensor]:
-    return [m.weight for m in vae.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+def _conv_weights(vae, side: str | None = None) -> list[torch.Tensor]:
+    """The model's 3x3 Conv2d weights, of one side ("encoder": encoder and quant_conv; "decoder": the rest) or all."""
+    children = [c for name, c in vae.model.named_children() if side is None or (name in ENCODER_SIDE) == (side == "encoder")]
+    return [m.weight for c in children for m in c.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
 
 
 def test_the_layout_table() -> None:
-    assert conv_memory_format(torch.device("cpu"), torch.bfloat16) == torch.channels_last
-    assert conv_memory_format(torch.device("cpu"), torch.float32) == torch.contiguous_format
+    cpu, nhwc, plain = torch.device("cpu"), torch.channels_last, torch.contiguous_format
+    assert conv_memory_format(cpu, torch.bfloat16, "encoder") == conv_memory_format(cpu, torch.bfloat16, "decoder") == nhwc
+    assert conv_memory_format(cpu, torch.float32, "decoder") == nhwc
+    assert conv_memory_format(cpu, torch.float32, "encoder") == plain  # thread-count independent latents
+    assert conv_memory_format(cpu, torch.float16, "decoder") == conv_memory_format(torch.device("cuda"), torch.float32) == plain
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("config", ["tiny-f8", "tiny-svd", "tiny-wan", "tiny-taesd"])
-def test_bf16_on_the_cpu_is_nhwc_and_decodes_as_the_plain_layout(config: str) -> None:
-    vae = load_vae(config, dtype=torch.bfloat16)
-    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in _conv_weights(vae))
-    z = torch.randn(1, vae.latent_format.channels, 6, 5, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+def test_cpu_is_nhwc_and_decodes_as_the_plain_layout(config: str, dtype: torch.dtype) -> None:
+    vae = load_vae(config, dtype=dtype)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in _conv_weights(vae, "decoder"))
+    encoder_nhwc = dtype == torch.bfloat16
+    assert all(w.is_contiguous(memory_format=torch.channels_last) == encoder_nhwc for w in _conv_weights(vae, "encoder"))
+    z = torch.randn(1, vae.latent_format.channels, 6, 5, generator=torch.Generator().manual_seed(0)).to(dtype)
     images = torch.rand(1, 3, 48, 40, generator=torch.Generator().manual_seed(1)) * 2 - 1  # [1, 3, 48, 40]
-    nhwc_dec, nhwc_enc = vae.decode(z), vae.encode(images.to(torch.bfloat16))
+    nhwc_dec, nhwc_enc = vae.decode(z), vae.encode(images.to(dtype))
     for w in _conv_weights(vae):  # the same weights in the plain layout
         w.data = w.data.contiguous()
-    torch.testing.assert_close(nhwc_dec.float(), vae.decode(z).float(), atol=0.05, rtol=0)  # bf16 noise only
-    torch.testing.assert_close(nhwc_enc.float(), vae.encode(images.to(torch.bfloat16)).float(), atol=0.05, rtol=0)
-    assert vae.to(dtype=torch.float32) and all(w.is_contiguous() for w in _conv_weights(vae))  # back to fp32: plain again
+    tol = 0.05 if dtype == torch.bfloat16 else 1e-5  # bf16 noise; fp32 float rounding
+    torch.testing.assert_close(nhwc_dec.float(), vae.decode(z).float(), atol=tol, rtol=0)
+    torch.testing.assert_close(nhwc_enc.float(), vae.encode(images.to(dtype)).float(), atol=tol, rtol=0)
+    assert vae.to(dtype=torch.float16) and all(w.is_contiguous() for w in _conv_weights(vae))  # fp16 on the CPU: plain
 
 
 def test_tiled_bf16_decode_in_nhwc_matches_untiled() -> None:
@@ -39,3 +48,18 @@ def test_tiled_bf16_decode_in_nhwc_matches_untiled() -> None:
     whole = vae.decode(z).float()
     tiled = vae.decode(z, tiling=Tiling(mode="exact", tile_size=64)).float()
     assert float((tiled - whole).abs().mean()) < 0.01
+
+
+def test_fp32_latents_do_not_depend_on_the_thread_count() -> None:
+    """A torchrun rank runs 1 thread, a single process more: the same image must give the same latent bytes."""
+    vae = load_vae("tiny-f8")
+    x = torch.rand(1, 3, 64, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = vae.encode(x)
+        torch.set_num_threads(2)
+        two = vae.encode(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from vaetool.devices import conv_memory_format
 from vaetool.memory_archs import ARCHITECTURES, STEP_COSTS
 from vaetool.memory_steps import ATTN_KINDS, FF_WIDTH, Arch, Step, attention_bytes, decoder_steps, encoder_steps
 from vaetool.nn import attention as attn
@@ -31,6 +32,7 @@ Direction = Literal["encode", "decode"]  # which half of the autoencoder runs
 TileMode = Literal["exact", "fast"]
 
 CONV_WORKSPACE: dict[str, float] = {"cpu": 1.0, "cuda": 0.5, "mps": 1.0}  # x conv input; cuda/mps not measured
+NHWC_WORKSPACE = 0.0  # NHWC weights (devices.conv_memory_format): oneDNN convolves the NHWC input as it is, no copy
 SAFETY = 1.1  # calibrated: every measured CPU point lies below the estimate (docs/memory.md)
 FAST_HALO = 0.125  # fast tiling context on each side, as a share of the tile (image pixels)
 EXACT_HALO = 2  # exact tiling halo per stage, in pixels of that stage's resolution
@@ -164,9 +166,11 @@ def _elem(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
 
 
-def _ctx(device: str | torch.device, attention: str | None) -> dict[str, Any]:
+def _ctx(device: str | torch.device, attention: str | None, op: str, dtype: torch.dtype) -> dict[str, Any]:
     device = torch.device(device)
-    return {"device": device, "ws": CONV_WORKSPACE.get(device.type, 1.0), "attention": attention or attn.current_attention()}
+    nhwc = conv_memory_format(device, dtype, "encoder" if op == "encode" else "decoder") == torch.channels_last
+    ws = NHWC_WORKSPACE if nhwc else CONV_WORKSPACE.get(device.type, 1.0)
+    return {"device": device, "ws": ws, "attention": attention or attn.current_attention()}
 
 
 def _chain_peak(steps: tuple[Step, ...], sizes: Callable[[Step], tuple[int, int]], b: int, elem: int, ctx: dict[str, Any]) -> int:
@@ -207,7 +211,7 @@ def estimate_peak(
     """Peak bytes of an untiled encode or decode of `batch` images of height x width IMAGE pixels (weights included)."""
     _check(op, height, width, batch)
     arch, elem = architecture(model_or_cfg), _elem(dtype)
-    ctx = _ctx(device, attention)
+    ctx = _ctx(device, attention, op, dtype)
     chain = _chain_peak(arch.__dict__[op], lambda st: _size(height, width, st.level), batch, elem, ctx)
     fixed = (arch.weights[op] + arch.overhead.get(op, 0)) * elem + _input_bytes(arch, op, height, width, batch, elem)
     return int(SAFETY * (chain + fixed))
@@ -281,7 +285,7 @@ def estimate_tile_peak(
     height, width = height or tile, width or tile
     _check(op, height, width, min(batch, tile))
     arch, elem = architecture(model_or_cfg), _elem(dtype)
-    ctx = _ctx(device, attention)
+    ctx = _ctx(device, attention, op, dtype)
     steps = arch.__dict__[op]
     fixed = (arch.weights[op] + arch.overhead.get(op, 0)) * elem + _input_bytes(arch, op, height, width, batch, elem)
     full_out = _step_cost(steps[-1], _size(height, width, steps[-1].level), batch, elem, ctx)[1]
