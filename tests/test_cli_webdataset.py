@@ -112,6 +112,12 @@ def test_webdataset_out_one_tar_per_shard_with_the_same_latents_as_files(runner,
     assert again.exit_code == 0, again.output
     summary = json.loads(again.stdout)
     assert (summary["done"], summary["shards_skipped"], summary["shards_done"]) == (0, 2, 0)  # finished shards are not read
+    index["shards"].pop("data-0001.tar")  # a kill between publishing a tar and recording it
+    (out / "shards.json").write_text(json.dumps(index))
+    adopted = runner.invoke(app, ["encode", spec, "-o", str(out), "--format", "webdataset", *MODEL, "--json"])
+    assert json.loads(adopted.stdout)["shards_skipped"] == 2  # the tar is this run's: kept, not read again ...
+    record = json.loads((out / "shards.json").read_text())["shards"]["data-0001.tar"]  # ... and recorded again
+    assert record == {"input": str(shards / "data-0001.tar"), "complete": True, "samples": 2, "failed": [], "adopted": True}
     (out / "data-0001.tar").unlink()
     third = runner.invoke(app, ["encode", spec, "-o", str(out), "--format", "webdataset", *MODEL, "--json", "-b", "1"])
     assert (json.loads(third.stdout)["done"], json.loads(third.stdout)["shards_skipped"]) == (2, 1)

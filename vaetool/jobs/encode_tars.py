@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -133,6 +134,25 @@ def _finished(settings: EncodeSettings, names: dict[str, str], indexes: dict[Pat
             done.add(spec)
     stale.raise_if_any(settings.out_dir)
     return done
+
+
+def _tar_samples(path: Path) -> int:
+    """How many samples (distinct keys: the member path up to the first dot of its name) a tar holds."""
+    with tarfile.open(path) as tar:
+        return len({str(PurePosixPath(m.name).parent / m.name.rsplit("/", 1)[-1].split(".", 1)[0]) for m in tar if m.isfile()})
+
+
+def _adopt(settings: EncodeSettings, names: dict[str, str], done: set[str], indexes: dict[Path, dict[str, Any]],
+           index: dict[str, Any]) -> bool:  # fmt: skip
+    """Record in this rank's `index` the finished tars no index records (a kill between a tar and its record)."""
+    if settings.format != "webdataset":
+        return False
+    recorded = {name for ix in indexes.values() for name in ix["shards"]}
+    adopted = {names[spec]: spec for spec in done if names[spec] not in recorded}
+    for name, spec in adopted.items():  # the killed run's failures of that shard are in its manifest, not here
+        index["shards"][name] = {"input": spec, "complete": True, "samples": _tar_samples(settings.out_dir / name),
+                                 "failed": [], "adopted": True}  # fmt: skip
+    return bool(adopted)
 
 
 class ShardRead:
@@ -304,6 +324,8 @@ def encode_tar_shards(
     indexes = {path: read_tar_index(path) for path in {settings.out_dir / "shards.json", index_path}}  # merged, and this rank's
     index = indexes[index_path]
     done = set() if settings.overwrite else _finished(settings, names, indexes, provenance)
+    if _adopt(settings, names, done, indexes, index):
+        write_tar_index(index_path, index)
     if settings.format != "webdataset" and not settings.overwrite:
         check_folders(settings, {spec: name for spec, name in names.items() if spec not in done}, provenance)
     remove_stale_temps(settings.out_dir)
