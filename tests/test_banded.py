@@ -105,3 +105,12 @@ def test_banded_decode_through_the_cli_matches_the_plain_decode(tmp_path, monkey
     assert runner.invoke(app, [*args, "-o", str(tmp_path / "banded")]).exit_code == 0
     a, b = (np.asarray(Image.open(tmp_path / d / "z.png")).astype(np.int64) for d in ("plain", "banded"))
     assert a.shape == (96, 80, 3) and np.abs(a - b).max() <= 1  # one 16-bit level of float rounding at most
+
+
+def test_an_nhwc_batch_keeps_the_plain_path(small_bands: None) -> None:
+    """NHWC row bands of a batch were measured slower (bf16 encode, batch 4): one NHWC image or any NCHW batch only."""
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1).eval()
+    x = torch.randn(2, 8, 12, 10)
+    with torch.no_grad():
+        assert banded.applies(x, conv) and banded.applies(x[:1].contiguous(memory_format=torch.channels_last), conv)
+        assert not banded.applies(x.contiguous(memory_format=torch.channels_last), conv)
