@@ -99,6 +99,15 @@ def test_the_planner_picks_off_fast_or_refuses_by_budget(wan) -> None:
     assert plan_video_encode(wan, 6, 250, 250, Tiling(max_memory="32MiB")) == fast  # padded to 9 frames of 256 px
 
 
+def test_the_planner_sizes_bf16_as_bf16(wan) -> None:
+    """bf16 weights: activations and caches at 2 bytes (measured within budget at 480x832, docs/memory.md), so larger tiles fit."""
+    half = load_vae("tiny-wan", dtype=torch.bfloat16).model
+    shape, budget = (9, 256, 256), Tiling(max_memory="32MiB")
+    fp32, bf16 = plan_video_encode(wan, *shape, budget), plan_video_encode(half, *shape, budget)
+    assert fp32.mode == "fast" and fp32.tile_size is not None
+    assert bf16.mode == "off" or (bf16.tile_size is not None and bf16.tile_size > fp32.tile_size)
+
+
 def test_the_cli_encodes_in_fast_tiles_and_within_a_budget(runner, tmp_path: Path, wan) -> None:
     frames = _folder(tmp_path / "in", _clip(9, 64, 96))
     lat = tmp_path / "tiled.safetensors"

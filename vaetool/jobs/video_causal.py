@@ -72,6 +72,7 @@ def encode_clip(
     vae: Vae, path: Path, settings: VideoSettings, fallback: Fp32Fallback, notice: Callable[[str], None], *, scaled: bool
 ) -> tuple[CausalClip, Choice]:
     """A frame folder, animation or video file, encoded as one clip, and the planner's tiling for it."""
+    from vaetool.memory import return_freed_memory
     from vaetool.tiling.causal_encode import plan_video_encode
     from vaetool.video.causal import encode_causal
     from vaetool.video.frames import open_frames
@@ -80,6 +81,8 @@ def encode_clip(
     frames = list(stream)
     height, width = frames[0].image.shape[1:] if frames else (1, 1)
     choice = plan_video_encode(vae.model, len(frames), int(height), int(width), settings.tiling) if frames else Choice("off", None, 1)
+    if settings.tiling.max_memory is not None or choice.mode != "off":
+        return_freed_memory()  # where memory is short, as for decode: the estimate is sized so
     latents, count, size = encode_causal(vae, frames, scaled=scaled, fallback=fallback, source=path, notice=notice,
                                          tile=choice.tile_size, overlap=settings.tiling.overlap)  # fmt: skip
     return CausalClip(latents, count, info.fps, size, scaled, vae.latent_format), choice

@@ -97,11 +97,11 @@ def plan_video_encode(model: WanVAE, frames: int, height: int, width: int, tilin
     f, factor = int(model.downscale), int(model.time_downscale)
     t, height, width = _padded(frames, height, width, f, factor)
     device = loaded_weight(model).device
-    dtype = torch.float32  # sized as fp32 whatever the weights, as plan_video does (bf16 does not halve the video peak)
+    dtype = loaded_weight(model).dtype  # sized in the weights' dtype: the job returns freed memory to the OS (memory.return_freed_memory)
     elem = dtype.itemsize
     budget = memory.budget_for(model, tiling.budget, device)
     chunk = min(t, CHUNK) * batch
-    clip = batch * 3 * t * height * width * elem  # the stacked clip, held throughout
+    clip = batch * 3 * t * height * width * (4 + (elem if elem != 4 else 0))  # the stacked float32 clip, and its copy in the weights' dtype
     kw = {"dtype": dtype, "device": device}
     untiled = memory.estimate_peak(model, "encode", height, width, chunk, **kw) + encoder_cache_bytes(model, height, width, batch, elem)
     if untiled + clip <= budget:
