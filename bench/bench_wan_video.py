@@ -69,9 +69,9 @@ def main() -> None:
               f"baseline (1 frame, 64 px): peak {base['peak'] / 2**20:.0f} MiB", flush=True)  # fmt: skip
         print("| case | plan | wall s | cpu s | s per frame | peak RSS MiB | peak - baseline MiB | within budget |")
         print("|---|---|---|---|---|---|---|---|")
-        for case in args.budgets:
+        for i, case in enumerate(args.budgets):
             flags = ["--tile", "off"] if case == "off" else ["--tile", "auto", "--max-memory", case]
-            out = work / case.replace(".", "_")
+            out = work / f"{i}-{case.replace('.', '_')}"  # a case may repeat
             row = run_cli(["video", "decode", str(work / "clip.safetensors"), "-o", str(out), *common, *flags], env, work,
                           args.timeout, work / f"{out.name}.log")  # fmt: skip
             if "error" in row:

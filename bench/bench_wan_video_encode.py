@@ -74,8 +74,8 @@ def main() -> None:
         print("| case | plan | wall s | cpu s | peak RSS MiB | peak - baseline MiB | within budget | PSNR vs off dB |")
         print("|---|---|---|---|---|---|---|---|")
         reference = None
-        for case in args.cases:
-            name = case.replace(".", "_").replace(":", "_")
+        for i, case in enumerate(args.cases):
+            name = f"{i}-" + case.replace(".", "_").replace(":", "_")  # a case may repeat
             out, log = work / f"{name}.safetensors", work / f"{name}.log"
             row = run_cli(["video", "encode", str(work / "clip"), "-o", str(out), *common, *flags(case)], env, work, args.timeout, log)
             if "error" in row:
