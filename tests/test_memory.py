@@ -141,16 +141,20 @@ def test_banded_steps_lower_the_cpu_estimate_only(monkeypatch: pytest.MonkeyPatc
     """The CPU estimate counts the row-banded forward where it runs (large activations), not below MIN_BYTES."""
     from vaetool.nn import banded
 
-    def both(size: int) -> tuple[int, int]:
-        with_bands = memory.estimate_peak("sd1", "decode", size, size)
+    def both(size: int, op: str = "decode", batch: int = 1) -> tuple[int, int]:
+        with_bands = memory.estimate_peak("sd1", op, size, size, batch)
         with monkeypatch.context() as m:
             m.setattr(banded, "DEVICES", frozenset())  # the plain forward, as on an accelerator
-            return with_bands, memory.estimate_peak("sd1", "decode", size, size)
+            return with_bands, memory.estimate_peak("sd1", op, size, size, batch)
 
     big, big_plain = both(1024)
     assert big < 0.6 * big_plain  # measured on the CPU: 1812 MiB where the plain forward peaked at 3.6 GiB
     small, small_plain = both(128)
     assert small == small_plain  # nothing that small is banded
+    nhwc_batch, nhwc_batch_plain = both(512, "decode", 2)
+    assert nhwc_batch == nhwc_batch_plain  # fp32 decoders are NHWC on the CPU, and an NHWC batch is not banded
+    nchw_batch, nchw_batch_plain = both(512, "encode", 2)
+    assert nchw_batch < nchw_batch_plain  # fp32 encoders stay NCHW: their batches are banded
 
 
 def test_plan_untiled_when_it_fits() -> None:

@@ -99,8 +99,8 @@ def _step_cost(st: Step, hw: tuple[int, int], b: int, elem: int, ctx: dict[str, 
         return b * c * area * elem
 
     ci, co = act(st.cin), act(st.cout)
-    if st.banded and ctx.get("banded", True) and ctx["device"].type in banded.DEVICES:
-        cost = _banded_cost(st, hw, b, elem, ws, ci, co)
+    if st.banded and ctx.get("banded", True):
+        cost = _banded_cost(st, hw, b, elem, ctx, ci, co)
         if cost is not None:
             return cost
     if st.kind == "conv":
@@ -136,8 +136,8 @@ def _step_cost(st: Step, hw: tuple[int, int], b: int, elem: int, ctx: dict[str, 
     return int(co), int(co)  # copy (torch.cat of the chunks)
 
 
-def _banded_cost(st: Step, hw: tuple[int, int], b: int, elem: int, ws: float, ci: float, co: float) -> tuple[int, int] | None:
-    """A step run row-banded (vaetool.nn.banded; None when its input is under MIN_BYTES): its output plus a few bands.
+def _banded_cost(st: Step, hw: tuple[int, int], b: int, elem: int, ctx: dict[str, Any], ci: float, co: float) -> tuple[int, int] | None:
+    """A step run row-banded (vaetool.nn.banded; None where `banded.bands` says it runs plainly): its output plus a few bands.
 
     A band is about BAND_BYTES of normalised input (at least 4 rows), and two bands' tensors can be
     alive at once (the next is made before the last is dropped). res: the first conv's output and
@@ -147,13 +147,17 @@ def _banded_cost(st: Step, hw: tuple[int, int], b: int, elem: int, ws: float, ci
     def band(c: int) -> float:  # one band's normalised input [b, c, rows + 2, w + 2]
         return max(banded.BAND_BYTES, 4 * b * c * (hw[1] + 2) * elem)
 
-    if st.kind == "res" and ci >= banded.MIN_BYTES:
+    def runs(nbytes: float) -> bool:  # the rule the forward applies (vaetool.nn.banded.applies)
+        return banded.bands(nbytes, ctx["device"].type, b, nhwc=ctx["nhwc"])
+
+    ws = ctx["ws"]
+    if st.kind == "res" and runs(ci):
         first = band(st.cin) * (2 + ws + 2 * st.cout / st.cin)
         second = band(st.cout) * (5 + ws + (2 * st.cin / st.cout if st.cin != st.cout else 0))  # + the 1x1 shortcut's input bands
         return int(co + max(first, second)), int(co)
-    if st.kind == "up" and 4 * ci >= banded.MIN_BYTES:
+    if st.kind == "up" and runs(4 * ci):
         return int(4 * co + band(st.cin) * (2 + ws + 2 * st.cout / st.cin)), int(4 * co)
-    if st.kind == "head" and ci >= banded.MIN_BYTES:
+    if st.kind == "head" and runs(ci):
         return int(co + band(st.cin) * (2 + ws) + 2 * band(st.cout)), int(co)
     return None
 
@@ -170,7 +174,7 @@ def _ctx(device: str | torch.device, attention: str | None, op: str, dtype: torc
     device = torch.device(device)
     nhwc = conv_memory_format(device, dtype, "encoder" if op == "encode" else "decoder") == torch.channels_last
     ws = NHWC_WORKSPACE if nhwc else CONV_WORKSPACE.get(device.type, 1.0)
-    return {"device": device, "ws": ws, "attention": attention or attn.current_attention()}
+    return {"device": device, "ws": ws, "nhwc": nhwc, "attention": attention or attn.current_attention()}
 
 
 def _chain_peak(steps: tuple[Step, ...], sizes: Callable[[Step], tuple[int, int]], b: int, elem: int, ctx: dict[str, Any]) -> int:
