@@ -47,6 +47,18 @@ def _ignored(settings: VideoSettings) -> list[str]:
     return [name for name, on in given.items() if on]
 
 
+def _when_memory_is_short(settings: VideoSettings, mode: str) -> None:
+    """Have glibc return freed memory to the OS where memory is short (--max-memory given, or a tiled plan).
+
+    The video estimates are calibrated so (vaetool.memory.return_freed_memory: without it a bf16
+    decode held up to 2.5x its tensors); it costs ~11 % time (docs/memory.md), so not otherwise.
+    """
+    from vaetool.memory import return_freed_memory
+
+    if settings.tiling.max_memory is not None or mode != "off":
+        return_freed_memory()
+
+
 def read_causal(vae: Vae, path: Path, fps: float | None, warn: Callable[[str], None]) -> CausalClip:
     """A whole-clip latent file, checked against the model."""
     from vaetool.jobs.decode import recorded_format
@@ -72,7 +84,6 @@ def encode_clip(
     vae: Vae, path: Path, settings: VideoSettings, fallback: Fp32Fallback, notice: Callable[[str], None], *, scaled: bool
 ) -> tuple[CausalClip, Choice]:
     """A frame folder, animation or video file, encoded as one clip, and the planner's tiling for it."""
-    from vaetool.memory import return_freed_memory
     from vaetool.tiling.causal_encode import plan_video_encode
     from vaetool.video.causal import encode_causal
     from vaetool.video.frames import open_frames
@@ -81,8 +92,7 @@ def encode_clip(
     frames = list(stream)
     height, width = frames[0].image.shape[1:] if frames else (1, 1)
     choice = plan_video_encode(vae.model, len(frames), int(height), int(width), settings.tiling) if frames else Choice("off", None, 1)
-    if settings.tiling.max_memory is not None or choice.mode != "off":
-        return_freed_memory()  # where memory is short, as for decode: the estimate is sized so
+    _when_memory_is_short(settings, choice.mode)
     latents, count, size = encode_causal(vae, frames, scaled=scaled, fallback=fallback, source=path, notice=notice,
                                          tile=choice.tile_size, overlap=settings.tiling.overlap)  # fmt: skip
     return CausalClip(latents, count, info.fps, size, scaled, vae.latent_format), choice
@@ -99,7 +109,6 @@ def run_causal(
     warn: Callable[[str], None],
 ) -> dict[str, Any]:
     """Run a video job on a causal video VAE; returns the summary's fields (frames, fps, size, latent shape, ...)."""
-    from vaetool.memory import return_freed_memory
     from vaetool.tiling.causal_plan import plan_video
     from vaetool.video.causal import causal_metadata, decode_causal, is_causal_vae, padded_frames, save_causal
     from vaetool.video.store import video_metadata
@@ -141,8 +150,7 @@ def run_causal(
         save_causal(outputs[0], clip.latents, meta, overwrite=settings.overwrite)
         return summary | encoded
     choice = plan_video(vae.model, tuple(shape), settings.tiling)
-    if settings.tiling.max_memory is not None or choice.mode != "off":
-        return_freed_memory()  # where memory is short: the estimate is calibrated so (a bf16 decode held up to 2.5x without)
+    _when_memory_is_short(settings, choice.mode)
     frames = decode_causal(
         vae, clip.latents, frames=clip.frames, size=clip.size, scaled=clip.scaled, fmt=clip.fmt, fallback=fallback, source=input_path,
         tile=choice.tile_size, overlap=settings.tiling.overlap, order=choice.order or "frames",

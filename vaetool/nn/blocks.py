@@ -35,11 +35,11 @@ def norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.silu(norm(x), inplace=not torch.is_grad_enabled())
 
 
-def norm_silu_conv(norm: nn.Module, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """conv(swish(norm(x))): row-banded (vaetool.nn.banded) for large inference activations, else plainly."""
-    if isinstance(norm, nn.GroupNorm) and banded.is_plain_conv(conv) and banded.applies(x, conv):
+def norm_silu_conv(norm: nn.Module, conv: nn.Module, x: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    """conv(swish(norm(x)), **kwargs): row-banded (vaetool.nn.banded) for large inference activations of plain convs, else plainly."""
+    if not kwargs and isinstance(norm, nn.GroupNorm) and banded.is_plain_conv(conv) and banded.applies(x, conv):
         return banded.norm_silu_conv(norm, conv, x)
-    return conv(norm_silu(norm, x))
+    return conv(norm_silu(norm, x), **kwargs)
 
 
 def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:

@@ -21,7 +21,7 @@ from torch import nn
 
 from vaetool.config import resolve_target
 from vaetool.errors import ConfigError
-from vaetool.nn.blocks import Downsample, Normalize, ResnetBlock, Upsample, make_attn, norm_silu, norm_silu_conv, set_norm_groups
+from vaetool.nn.blocks import Downsample, Normalize, ResnetBlock, Upsample, make_attn, norm_silu_conv, set_norm_groups
 from vaetool.nn.checkpoint import run_checkpointed
 
 Op = Callable[..., nn.Module] | str | dict[str, Any] | None
@@ -203,5 +203,5 @@ class Decoder(nn.Module):
                 h = up.upsample(h)  # [B, C, 2h, 2w]
         if self.give_pre_end:
             return h
-        h = norm_silu_conv(self.norm_out, self.conv_out, h) if not kwargs else self.conv_out(norm_silu(self.norm_out, h), **kwargs)
+        h = norm_silu_conv(self.norm_out, self.conv_out, h, **kwargs)  # kwargs (timesteps) go to a video conv_out
         return torch.tanh(h) if self.tanh_out else h  # [B, out_ch, H, W]
