@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,3 +28,14 @@ def subprocess_env() -> dict[str, str]:
     env.pop("WORLD_SIZE", None)
     env.pop("RANK", None)
     return env
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run in-process work with one thread, as subprocess_env's children do: same threads and batch, same latent bytes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

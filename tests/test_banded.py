@@ -71,8 +71,8 @@ def test_whole_coders_banded_equal_plain(small_bands: None, monkeypatch: pytest.
     vae = load_vae("tiny-f8", random_weights=True)
     model = vae.model
     torch.manual_seed(2)
-    x = torch.rand(1, 3, 72, 40) * 2 - 1
-    z = torch.randn(1, model.decoder.z_shape[1], 9, 5)
+    x = torch.rand(2, 3, 72, 40) * 2 - 1  # a batch: NCHW bands it whole, NHWC image by image
+    z = torch.randn(2, model.decoder.z_shape[1], 9, 5)
     if layout == "channels_last":
         model.to(memory_format=torch.channels_last)
         x, z = x.contiguous(memory_format=torch.channels_last), z.contiguous(memory_format=torch.channels_last)
@@ -107,10 +107,26 @@ def test_banded_decode_through_the_cli_matches_the_plain_decode(tmp_path, monkey
     assert a.shape == (96, 80, 3) and np.abs(a - b).max() <= 1  # one 16-bit level of float rounding at most
 
 
-def test_an_nhwc_batch_keeps_the_plain_path(small_bands: None) -> None:
-    """NHWC row bands of a batch were measured slower (bf16 encode, batch 4): one NHWC image or any NCHW batch only."""
-    conv = torch.nn.Conv2d(8, 8, 3, padding=1).eval()
-    x = torch.randn(2, 8, 12, 10)
+@pytest.mark.parametrize(("cin", "cout"), [(32, 32), (32, 64)])
+def test_an_nhwc_batch_is_banded_image_by_image(small_bands: None, monkeypatch: pytest.MonkeyPatch, cin: int, cout: int) -> None:
+    """An NHWC batch's rows are not contiguous across images: each image is banded alone, with the plain result."""
+    torch.manual_seed(4)
+    block = ResnetBlock(in_channels=cin, out_channels=cout, temb_channels=0).eval().to(memory_format=torch.channels_last)
+    for p in block.parameters():
+        p.data.normal_(0, 0.2)
+    conv = torch.nn.Conv2d(cout, 8, 3, padding=1).eval().to(memory_format=torch.channels_last)
+    x = (torch.randn(3, cin, 13, 10) * 2 + 1).contiguous(memory_format=torch.channels_last)  # [3, C, 13, 10] NHWC
     with torch.no_grad():
-        assert banded.applies(x, conv) and banded.applies(x[:1].contiguous(memory_format=torch.channels_last), conv)
-        assert not banded.applies(x.contiguous(memory_format=torch.channels_last), conv)
+        ref = _plain(block, x, monkeypatch)
+        ref_up = conv(torch.nn.functional.interpolate(ref, scale_factor=2.0, mode="nearest"))
+    seen: list[int] = []
+    band_rows = banded.band_rows
+    monkeypatch.setattr(banded, "band_rows", lambda t: seen.append(t.shape[0]) or band_rows(t))
+    x_before = x.clone()
+    with torch.no_grad():
+        out = block(x)
+        up = upsample_conv_phases(out, conv)
+    assert seen and set(seen) == {1}  # every band holds one image
+    assert torch.equal(x, x_before) and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(up, ref_up, rtol=1e-5, atol=1e-5)

@@ -19,7 +19,7 @@ from vaetool.io.latents import load_latents
 from vaetool.video.store import load_video_latents
 
 REPO = Path(__file__).resolve().parent.parent
-SIZE = 128  # image pixels: mini's untiled decode estimate is ~33 MB here, its smallest tiles ~20-25 MB
+SIZE = 160  # image pixels: mini's untiled estimates are ~36-40 MB here, its smallest tiles ~15-33 MB
 # mini, 128 px, fast mode with the planner's 64 px tiles (8x8 latent px: fast mode's worst case), measured
 # against the untiled output: decode 36.0 dB (8-bit PNGs); encode 31.4 dB (over the latent's range); a round
 # trip with fast encode and fast decode 25.7 dB (the encoder's tile error is amplified by the decoder). The

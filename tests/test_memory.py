@@ -151,10 +151,9 @@ def test_banded_steps_lower_the_cpu_estimate_only(monkeypatch: pytest.MonkeyPatc
     assert big < 0.6 * big_plain  # measured on the CPU: 1812 MiB where the plain forward peaked at 3.6 GiB
     small, small_plain = both(128)
     assert small == small_plain  # nothing that small is banded
-    nhwc_batch, nhwc_batch_plain = both(512, "decode", 2)
-    assert nhwc_batch == nhwc_batch_plain  # fp32 decoders are NHWC on the CPU, and an NHWC batch is not banded
-    nchw_batch, nchw_batch_plain = both(512, "encode", 2)
-    assert nchw_batch < nchw_batch_plain  # fp32 encoders stay NCHW: their batches are banded
+    for op in ("decode", "encode"):  # fp32 coders are NHWC on the CPU: a batch is banded image by image
+        batch, batch_plain = both(512, op, 2)
+        assert batch < 0.75 * batch_plain, op
 
 
 def test_plan_untiled_when_it_fits() -> None:

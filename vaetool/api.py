@@ -22,7 +22,6 @@ from vaetool.tiling import Tiling
 
 DEFAULT_MODEL = "mini"
 UNLOADED = {"all": None, "encoder": "decoder", "decoder": "encoder"}  # parts= -> the coder left unloaded
-ENCODER_SIDE = frozenset({"encoder", "quant_conv"})  # the model's children that encode; the others decode
 
 
 class RandomWeightsWarning(UserWarning):
@@ -61,11 +60,10 @@ class Vae:
         else:
             for name, child in self.model.named_children():  # the models keep every weight in a child module
                 child.to(device=device if name != unloaded else None, dtype=dtype)
-        for name, child in self.model.named_children():
-            layout = conv_memory_format(self.device, self.dtype, "encoder" if name in ENCODER_SIDE else "decoder")
-            for conv in child.modules():  # 2-D convolutions only: Conv3d weights have no channels_last
-                if isinstance(conv, torch.nn.Conv2d) and conv.weight.device.type != "meta":
-                    conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
+        layout = conv_memory_format(self.device, self.dtype)
+        for conv in self.model.modules():  # 2-D convolutions only: Conv3d weights have no channels_last
+            if isinstance(conv, torch.nn.Conv2d) and conv.weight.device.type != "meta":
+                conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
         return self
 
     def _require(self, part: str, verb: str) -> None:

@@ -78,21 +78,20 @@ def resolve_dtype(name: str, device: torch.device, *, cpu_bf16: bool = False) ->
     return DTYPE_NAMES[name] or AUTO_DTYPES.get(device.type, torch.float32)
 
 
-# (device type, dtype, coder) -> the layout of 2-D convolution weights that runs fastest there, where it was measured
+# (device type, dtype) -> the layout of 2-D convolution weights that runs fastest there, where it was measured
 # (bench/bench_vs_diffusers.py, docs/speed.md): oneDNN's CPU convolutions with NHWC weights (the activations follow):
-# bf16 ~1.3x; an fp32 decode with the row-banded forward 7.6 s against 8.2 s at 512 px (no oneDNN input reorders).
-# fp32 encodes stay plain: NHWC latents change with the thread count (1.7e-6), and plain fp32 latents do not, so a
-# torchrun rank (1 thread) writes the bytes a single process (2 threads) writes.
-CONV_MEMORY_FORMATS: dict[tuple[str, torch.dtype, str], torch.memory_format] = {
-    ("cpu", torch.bfloat16, "encoder"): torch.channels_last,
-    ("cpu", torch.bfloat16, "decoder"): torch.channels_last,
-    ("cpu", torch.float32, "decoder"): torch.channels_last,
+# bf16 ~1.3x; fp32 decode with the row-banded forward 7.6 s against 8.2 s at 512 px, fp32 encode 8-11 % faster (no
+# oneDNN input reorders). Float rounding then depends on the thread count and the batch (~1e-6, as it does for the
+# plain layout at SD size): same machine, threads and batch give the same bytes (docs/speed.md).
+CONV_MEMORY_FORMATS: dict[tuple[str, torch.dtype], torch.memory_format] = {
+    ("cpu", torch.bfloat16): torch.channels_last,
+    ("cpu", torch.float32): torch.channels_last,
 }
 
 
-def conv_memory_format(device: torch.device, dtype: torch.dtype, coder: str = "decoder") -> torch.memory_format:
-    """The memory format for a coder's Conv2d weights on `device` in `dtype` (channels_last where measured faster)."""
-    return CONV_MEMORY_FORMATS.get((device.type, dtype, coder), torch.contiguous_format)
+def conv_memory_format(device: torch.device, dtype: torch.dtype) -> torch.memory_format:
+    """The memory format for Conv2d weights on `device` in `dtype` (channels_last where measured faster)."""
+    return CONV_MEMORY_FORMATS.get((device.type, dtype), torch.contiguous_format)
 
 
 def _free_cuda(device: torch.device) -> int:

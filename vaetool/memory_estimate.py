@@ -144,11 +144,11 @@ def _banded_cost(st: Step, hw: tuple[int, int], b: int, elem: int, ctx: dict[str
     the bands' inputs, conv outputs and workspace, then in place the second conv's and the
     shortcut's bands (a 1x1 shortcut copies its strided input band); up: the 4x output, the padded bands and the phases' outputs.
     """
-    def band(c: int) -> float:  # one band's normalised input [b, c, rows + 2, w + 2]
-        return max(banded.BAND_BYTES, 4 * b * c * (hw[1] + 2) * elem)
+    def band(c: int) -> float:  # one band's normalised input [band_batch, c, rows + 2, w + 2]
+        return max(banded.BAND_BYTES, 4 * banded.band_batch(b, ctx["nhwc"]) * c * (hw[1] + 2) * elem)
 
     def runs(nbytes: float) -> bool:  # the rule the forward applies (vaetool.nn.banded.applies)
-        return banded.bands(nbytes, ctx["device"].type, b, nhwc=ctx["nhwc"])
+        return banded.bands(nbytes, ctx["device"].type)
 
     ws = ctx["ws"]
     if st.kind == "res" and runs(ci):
@@ -172,7 +172,7 @@ def _elem(dtype: torch.dtype) -> int:
 
 def _ctx(device: str | torch.device, attention: str | None, op: str, dtype: torch.dtype) -> dict[str, Any]:
     device = torch.device(device)
-    nhwc = conv_memory_format(device, dtype, "encoder" if op == "encode" else "decoder") == torch.channels_last
+    nhwc = conv_memory_format(device, dtype) == torch.channels_last
     ws = NHWC_WORKSPACE if nhwc else CONV_WORKSPACE.get(device.type, 1.0)
     return {"device": device, "ws": ws, "nhwc": nhwc, "attention": attention or attn.current_attention()}
 

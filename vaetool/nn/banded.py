@@ -8,8 +8,9 @@ band of rows is normalised into a small zero-bordered buffer and convolved: buff
 which the allocator reuses. A residual block's second conv writes its output over its own input
 (the band's halo row is kept aside first), so a block holds its input, one activation and bands.
 
-Inference only (no autograd), on the CPU, for activations of at least `MIN_BYTES`; the result
-equals the plain forward up to float rounding (tests/test_banded.py).
+Inference only (no autograd), on the CPU, for activations of at least `MIN_BYTES`; an NHWC batch
+goes one image at a time (its rows are contiguous per image). The result equals the plain forward
+up to float rounding (tests/test_banded.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ Residual = Callable[[int, int], torch.Tensor]  # rows [r0, r1) of what is added 
 
 
 def applies(x: torch.Tensor, module: nn.Module, factor: int = 1) -> bool:
-    """Whether `module`'s forward on `x` should run banded: inference, CPU, NCHW or one NHWC image, a large activation.
+    """Whether `module`'s forward on `x` should run banded: inference, CPU, a large activation.
 
     `factor`: the output is that many times the input's size (the upsample).
     """
@@ -38,14 +39,32 @@ def applies(x: torch.Tensor, module: nn.Module, factor: int = 1) -> bool:
         not torch.is_grad_enabled()
         and not module.training
         and x.ndim == 4
-        and bands(x.numel() * x.element_size() * factor, x.device.type, x.shape[0], nhwc=not x.is_contiguous())
+        and bands(x.numel() * x.element_size() * factor, x.device.type)
     )
 
 
-def bands(nbytes: float, device_type: str, batch: int, *, nhwc: bool) -> bool:
-    """The size, device and layout part of `applies`, for callers that know only shapes (the memory estimate)."""
-    # an NHWC batch's row bands measured 1.7x slower (bf16 encode, batch 4): NCHW or one NHWC image only
-    return device_type in DEVICES and (batch == 1 or not nhwc) and nbytes >= MIN_BYTES
+def bands(nbytes: float, device_type: str) -> bool:
+    """The size and device part of `applies`, for callers that know only shapes (the memory estimate)."""
+    return device_type in DEVICES and nbytes >= MIN_BYTES
+
+
+def band_batch(batch: int, nhwc: bool) -> int:
+    """Images in one band: all of an NCHW batch; one of an NHWC batch, whose images are banded one at a time.
+
+    Rows of an NHWC batch are not contiguous across its images: such bands measured 1.7x slower
+    (bf16 encode, batch 4); one image's rows are contiguous.
+    """
+    return 1 if nhwc else batch
+
+
+def per_image(x: torch.Tensor) -> bool:
+    """An NHWC batch of more than one image: banded image by image (band_batch)."""
+    return x.shape[0] > 1 and memory_format(x) == torch.channels_last
+
+
+def image_groups(x: torch.Tensor) -> list[slice]:
+    """The images banded together: each image of an NHWC batch alone, else the whole batch."""
+    return [slice(i, i + 1) for i in range(x.shape[0])] if per_image(x) else [slice(None)]
 
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -80,16 +99,32 @@ def is_plain_conv(conv: nn.Module) -> bool:
     )
 
 
+def new_output(x: torch.Tensor, channels: int, scale: int = 1) -> torch.Tensor:
+    """An uninitialised [B, channels, scale * H, scale * W] in `x`'s dtype, device and layout."""
+    b, _, h, w = x.shape
+    return torch.empty(b, channels, scale * h, scale * w, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+
+
 def norm_silu_conv(
-    norm: nn.GroupNorm, conv: nn.Conv2d, x: torch.Tensor, *, residual: Residual | None = None, in_place: bool = False
+    norm: nn.GroupNorm, conv: nn.Conv2d, x: torch.Tensor, *, residual: Residual | None = None, in_place: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """conv(silu(norm(x))) [+ residual rows], band by band; `in_place` writes the result over `x` (same channels)."""
+    """conv(silu(norm(x))) [+ residual rows], band by band, into `out` (new if None); `in_place` writes over `x`.
+
+    An NHWC batch goes image by image (per_image); a `residual` is given for one image at a time.
+    """
+    out = x if in_place else new_output(x, conv.out_channels) if out is None else out  # [B, Cout, H, W]
+    if per_image(x):
+        if residual is not None:
+            raise ValueError("norm_silu_conv: a residual is given per image; call it image by image")
+        for images in image_groups(x):
+            norm_silu_conv(norm, conv, x[images], in_place=in_place, out=out[images])
+        return out
     b, c, h, w = x.shape
     p = conv.padding[0]
     rows = band_rows(x)
     scale, shift = group_affine(norm, x, rows)
     fmt = memory_format(x)
-    out = x if in_place else torch.empty(b, conv.out_channels, h, w, dtype=x.dtype, device=x.device, memory_format=fmt)  # [B, Cout, H, W]
     carry: torch.Tensor | None = None  # row r0 - 1 normalised (before the swish), kept before the previous band overwrote it
     for r0 in range(0, h, rows):
         r1 = min(r0 + rows, h)
@@ -121,5 +156,9 @@ def norm_silu_conv(
 def resnet_forward(norm1: nn.GroupNorm, conv1: nn.Conv2d, norm2: nn.GroupNorm, conv2: nn.Conv2d, x: torch.Tensor,
                    shortcut: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:  # fmt: skip
     """x + conv2(silu(norm2(conv1(silu(norm1(x)))))) with a per-pixel `shortcut` on x, banded; x is left as it was."""
-    h = norm_silu_conv(norm1, conv1, x)  # [B, Cout, H, W]
-    return norm_silu_conv(norm2, conv2, h, residual=lambda r0, r1: shortcut(x[:, :, r0:r1]), in_place=True)
+    out = new_output(x, conv2.out_channels)  # [B, Cout, H, W]
+    for images in image_groups(x):
+        xi = x[images]
+        h = norm_silu_conv(norm1, conv1, xi, out=out[images])  # conv1's output, then conv2's over it
+        norm_silu_conv(norm2, conv2, h, residual=lambda r0, r1, xi=xi: shortcut(xi[:, :, r0:r1]), in_place=True)
+    return out

@@ -101,18 +101,20 @@ def upsample_conv_phases(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     Large inference inputs on the CPU go a band of rows at a time (vaetool.nn.banded): small
     zero-bordered copies instead of one padded copy of the whole input.
     """
-    b, _, h, wd = x.shape
+    h, wd = x.shape[2:]
     kernels = phase_kernels(conv)
-    fmt = banded.memory_format(x)
-    out = torch.empty(b, conv.out_channels, 2 * h, 2 * wd, dtype=x.dtype, device=x.device, memory_format=fmt)  # [B, Cout, 2H, 2W]
-    rows = banded.band_rows(x) if banded.applies(x, conv, factor=4) else h
-    for r0 in range(0, h, rows):
-        r1 = min(r0 + rows, h)
-        lo, hi = max(r0 - 1, 0), min(r1 + 1, h)
-        xb = F.pad(x[:, :, lo:hi], (1, 1, 1 - (r0 - lo), 1 - (hi - r1)))  # [B, Cin, r1-r0+2, W+2]: rows r0-1..r1, zeros outside
-        for a, c, k in kernels:
-            y = F.conv2d(xb[:, :, a : a + r1 - r0 + 1, c : c + wd + 1], k, conv.bias)  # [B, Cout, r1-r0, W]
-            out[:, :, 2 * r0 + a : 2 * r1 : 2, c::2] = y
+    out = banded.new_output(x, conv.out_channels, scale=2)  # [B, Cout, 2H, 2W]
+    band = banded.applies(x, conv, factor=4)
+    for images in banded.image_groups(x) if band else [slice(None)]:
+        xi = x[images]
+        rows = banded.band_rows(xi) if band else h
+        for r0 in range(0, h, rows):
+            r1 = min(r0 + rows, h)
+            lo, hi = max(r0 - 1, 0), min(r1 + 1, h)
+            xb = F.pad(xi[:, :, lo:hi], (1, 1, 1 - (r0 - lo), 1 - (hi - r1)))  # [b, Cin, r1-r0+2, W+2]: rows r0-1..r1, zeros outside
+            for a, c, k in kernels:
+                y = F.conv2d(xb[:, :, a : a + r1 - r0 + 1, c : c + wd + 1], k, conv.bias)  # [b, Cout, r1-r0, W]
+                out[images, :, 2 * r0 + a : 2 * r1 : 2, c::2] = y
     return out
 
 
