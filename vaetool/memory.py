@@ -99,7 +99,7 @@ def budget_for(model_or_cfg: Any, max_memory: int | str | None, device: str | to
     return int(free_memory(device) * margin) + _resident_weights(model_or_cfg, device)
 
 
-def _largest(fits: Callable[[int], bool], candidates: list[int]) -> int | None:
+def largest(fits: Callable[[int], bool], candidates: list[int]) -> int | None:
     """Largest candidate (ascending list) for which the monotone `fits` holds, by bisection."""
     lo, hi, best = 0, len(candidates) - 1, None
     while lo <= hi:
@@ -109,6 +109,11 @@ def _largest(fits: Callable[[int], bool], candidates: list[int]) -> int | None:
         else:
             hi = mid - 1
     return best
+
+
+def largest_tile(fits: Callable[[int], bool], height: int, width: int, step: int) -> int | None:
+    """Largest tile edge, a multiple of `step` up to the longer side rounded up, for which the monotone `fits` holds."""
+    return largest(fits, list(range(step, math.ceil(max(height, width) / step) * step + 1, step)))
 
 
 def plan(
@@ -140,24 +145,23 @@ def plan(
     def untiled(b: int) -> int:
         return estimate_peak(arch, op, height, width, b, **kw)
 
-    best_batch = _largest(lambda b: untiled(b) <= budget, list(range(min_batch, batch + 1)))
+    best_batch = largest(lambda b: untiled(b) <= budget, list(range(min_batch, batch + 1)))
     if best_batch is not None:
         return Plan(True, None, best_batch, untiled(best_batch), budget)
 
     step = arch.downscale * TILE_STEP
-    tiles = list(range(step, math.ceil(max(height, width) / step) * step + 1, step))
 
     def tiled(t: int, b: int = min_batch) -> int:
         return estimate_tile_peak(arch, op, t, b, mode=mode, height=height, width=width, **kw)
 
-    tile = _largest(lambda t: tiled(t) <= budget, tiles)
+    tile = largest_tile(lambda t: tiled(t) <= budget, height, width, step)
     if tile is None:
         what = "max_memory" if max_memory is not None else f"the free memory budget ({margin:.0%} of free)"
         raise MemoryBudgetError(
             f"{what} {format_bytes(budget)} is too small to {op} {width}x{height} images: "
             f"the smallest tile ({step} px, {mode} mode) needs {format_bytes(tiled(step), round_up=True)}"
         )
-    tile_batch = _largest(lambda b: tiled(tile, b) <= budget, list(range(min_batch, batch + 1))) or min_batch
+    tile_batch = largest(lambda b: tiled(tile, b) <= budget, list(range(min_batch, batch + 1))) or min_batch
     return Plan(False, tile, tile_batch, tiled(tile, tile_batch), budget)
 
 

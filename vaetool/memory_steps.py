@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from vaetool.nn import attention as attn
-from vaetool.nn import banded
-from vaetool.nn.blocks import is_plain_3x3
+from vaetool.nn.blocks import is_plain_conv
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ def _res_step(block: nn.Module, level: int) -> Step:
 
 def _head_step(norm: nn.Module, conv: nn.Module, level: int) -> Step:
     """The norm-swish-conv head; banded when the norm is a GroupNorm and the conv a plain one."""
-    bandable = isinstance(norm, nn.GroupNorm) and banded.is_plain_conv(conv)
+    bandable = isinstance(norm, nn.GroupNorm) and is_plain_conv(conv)
     return Step("head", conv.in_channels, conv.out_channels, level, banded=bandable)
 
 
@@ -118,7 +117,7 @@ def decoder_steps(dec: nn.Module, post_quant: nn.Module | None, level: int) -> l
             steps.append(_res_step(block, level))
             steps += _attn_steps(up.attn[i : i + 1], block.out_channels, level)
         if hasattr(up, "upsample"):
-            phases = up.upsample.with_conv and is_plain_3x3(up.upsample.conv)
+            phases = up.upsample.with_conv and is_plain_conv(up.upsample.conv, (3,))
             steps.append(Step("up", block.out_channels, block.out_channels, level, banded=phases))
             level -= 1
     steps.append(_head_step(dec.norm_out, dec.conv_out, level))

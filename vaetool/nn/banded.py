@@ -89,16 +89,6 @@ def group_affine(norm: nn.GroupNorm, x: torch.Tensor, rows: int) -> tuple[torch.
     return a.to(x.dtype), b.to(x.dtype)
 
 
-def is_plain_conv(conv: nn.Module) -> bool:
-    """A plain nn.Conv2d, stride 1, 'same' zero padding of a 1x1 or 3x3 kernel (what the bands handle)."""
-    return (
-        type(conv) is nn.Conv2d
-        and conv.kernel_size in ((1, 1), (3, 3))
-        and conv.padding == ((conv.kernel_size[0] - 1) // 2,) * 2
-        and (conv.stride, conv.dilation, conv.groups, conv.padding_mode) == ((1, 1), (1, 1), 1, "zeros")
-    )
-
-
 def new_output(x: torch.Tensor, channels: int, scale: int = 1) -> torch.Tensor:
     """An uninitialised [B, channels, scale * H, scale * W] in `x`'s dtype, device and layout."""
     b, _, h, w = x.shape

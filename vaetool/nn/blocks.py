@@ -37,7 +37,7 @@ def norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def norm_silu_conv(norm: nn.Module, conv: nn.Module, x: torch.Tensor, **kwargs: object) -> torch.Tensor:
     """conv(swish(norm(x)), **kwargs): row-banded (vaetool.nn.banded) for large inference activations of plain convs, else plainly."""
-    if not kwargs and isinstance(norm, nn.GroupNorm) and banded.is_plain_conv(conv) and banded.applies(x, conv):
+    if not kwargs and isinstance(norm, nn.GroupNorm) and is_plain_conv(conv) and banded.applies(x, conv):
         return banded.norm_silu_conv(norm, conv, x)
     return conv(norm_silu(norm, x), **kwargs)
 
@@ -66,16 +66,23 @@ class Upsample(nn.Module):
             self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.with_conv and not torch.is_grad_enabled() and is_plain_3x3(self.conv):
+        if self.with_conv and not torch.is_grad_enabled() and is_plain_conv(self.conv, (3,)):
             return upsample_conv_phases(x, self.conv)
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # [B, C, 2H, 2W]
         return self.conv(x) if self.with_conv else x
 
 
-def is_plain_3x3(conv: nn.Conv2d) -> bool:
-    """A 3x3 conv with stride 1, zero padding 1, no dilation or groups (what the phase upsample handles)."""
-    return (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode) == (
-        (3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros")
+def is_plain_conv(conv: nn.Module, sizes: tuple[int, ...] = (1, 3)) -> bool:
+    """A plain nn.Conv2d (no subclass forward) of a square kernel in `sizes`, stride 1, 'same' zero padding, no groups.
+
+    What the row bands (1x1 and 3x3) and the phase upsample (3x3 only) compute from its weights directly.
+    """
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size in [(k, k) for k in sizes]
+        and conv.padding == ((conv.kernel_size[0] - 1) // 2,) * 2
+        and (conv.stride, conv.dilation, conv.groups, conv.padding_mode) == ((1, 1), (1, 1), 1, "zeros")
+    )
 
 
 # Nearest x2 then a 3x3 conv, seen from one output phase (row parity a): the three taps land on
@@ -171,7 +178,7 @@ class ResnetBlock(nn.Module):
 
     def bandable(self) -> bool:
         """Whether the block's structure allows vaetool.nn.banded's path: plain convs, no 3x3 shortcut."""
-        convs_plain = all(banded.is_plain_conv(c) for c in (self.conv1, self.conv2))
+        convs_plain = all(is_plain_conv(c) for c in (self.conv1, self.conv2))
         return convs_plain and (self.in_channels == self.out_channels or not self.use_conv_shortcut)
 
     def runs_banded(self, x: torch.Tensor, temb: torch.Tensor | None) -> bool:

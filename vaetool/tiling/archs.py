@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaetool.nn.blocks import is_plain_3x3, upsample_conv_phases
+from vaetool.nn.blocks import is_plain_conv, upsample_conv_phases
 from vaetool.nn.causal import CausalConv3d
 from vaetool.nn.flux2 import Flux2Autoencoder
 from vaetool.nn.taesd import DETERMINISTIC_LOGVAR, TAESD, Block, Clamp
@@ -71,7 +71,7 @@ def _rms_silu(norm: RMS_norm) -> TensorFn:
 def _phase_up(conv: nn.Conv2d) -> Window:
     """Nearest x2 then `conv`, computed as phase convs when the conv is a plain 3x3."""
     window = conv_window(conv)
-    return replace(window, phases=lambda t: upsample_conv_phases(t, conv)) if is_plain_3x3(conv) else window
+    return replace(window, phases=lambda t: upsample_conv_phases(t, conv)) if is_plain_conv(conv, (3,)) else window
 
 
 def _down(conv: nn.Conv2d) -> Window:

@@ -30,10 +30,11 @@ from torch import nn
 
 from vaetool import memory
 from vaetool.errors import InputError, MemoryBudgetError
-from vaetool.nn.causal import CausalConv3d, FrameCache
+from vaetool.nn.causal import FrameCache
 from vaetool.nn.util import loaded_weight
 from vaetool.nn.wan import CHUNK, Encoder3d, Resample, WanVAE
 from vaetool.tiling import Choice, Tiling
+from vaetool.tiling.causal_plan import cache_elements
 from vaetool.tiling.fast import default_overlap, tile_spans
 
 __all__ = ["encode_video_fast", "encoder_cache_bytes", "encoder_cut", "plan_video_encode"]
@@ -55,27 +56,12 @@ def _low(encoder: Encoder3d) -> list[nn.Module]:
     return [*encoder.downsamples[encoder_cut(encoder) :], *encoder.middle]
 
 
-def _cache_walk(blocks: Sequence[nn.Module], height: int, width: int) -> int:
-    """Elements a FrameCache holds for `blocks` run on height x width px: each causal conv's past frames."""
-    total, scale = 0, 1
-    for block in blocks:
-        h, w = math.ceil(height / scale), math.ceil(width / scale)
-        for m in block.modules():
-            if isinstance(m, CausalConv3d) and m.time_pad:
-                total += m.time_pad * m.in_channels * h * w  # [B, Cin, time_pad, h, w]
-        if isinstance(block, Resample) and block.mode.startswith("down"):
-            scale *= 2
-            if block.mode == "downsample3d":  # the last frame after the spatial stride, for the next chunk's time conv
-                total += block.time_conv.in_channels * math.ceil(height / scale) * math.ceil(width / scale)
-    return total
-
-
 def encoder_cache_bytes(model: WanVAE, height: int, width: int, batch: int = 1, elem: int = 4, *, tile: int | None = None) -> int:
     """Bytes of the encoder's causal caches for height x width image px; `tile`: the full-resolution part on one tile of that edge."""
     enc, f = model.encoder, int(model.downscale)
     th, tw = (height, width) if tile is None else (min(tile, height), min(tile, width))
-    latent = _cache_walk([*_low(enc), enc.head], math.ceil(height / f), math.ceil(width / f))
-    return (_cache_walk(_high(enc), th, tw) + latent) * batch * elem
+    latent = cache_elements([*_low(enc), enc.head], math.ceil(height / f), math.ceil(width / f))
+    return (cache_elements(_high(enc), th, tw) + latent) * batch * elem
 
 
 def _padded(frames: int, height: int, width: int, f: int, factor: int) -> tuple[int, int, int]:
@@ -115,13 +101,13 @@ def plan_video_encode(model: WanVAE, frames: int, height: int, width: int, tilin
         return peak + encoder_cache_bytes(model, height, width, batch, elem, tile=tile + o) + clip + feats
 
     step = f * memory.TILE_STEP
-    fitting = [s for s in range(step, max(height, width) + step, step) if need(s) <= budget]
-    if not fitting:
+    tile = memory.largest_tile(lambda s: need(s) <= budget, height, width, step)
+    if tile is None:
         raise MemoryBudgetError(
             f"{memory.format_bytes(budget)} is too small to encode {t} frames of {width}x{height}: the smallest tile ({step} px, "
             f"fast mode, with its causal caches, the clip and the latent features) needs {memory.format_bytes(need(step), round_up=True)}"
         )
-    return Choice("fast", fitting[-1], 1)
+    return Choice("fast", tile, 1)
 
 
 def _out_channels(block: nn.Module) -> int:

@@ -11,9 +11,12 @@ docs/memory.md) with glibc's mmap threshold fixed as `vaetool video decode` fixe
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from vaetool import memory
 from vaetool.errors import MemoryBudgetError
@@ -40,16 +43,29 @@ class VideoChoice(NamedTuple):
     need: int | None  # bytes estimated (None: not estimated, e.g. --tile off)
 
 
-def cache_bytes(decoder: Decoder3d, height: int, width: int, batch: int = 1, elem: int = 4) -> int:
-    """Bytes the FrameCache holds decoding a latent of height x width latent px: each causal conv's past frames."""
-    total, scale = 0, 1
-    for block in (decoder.conv1, *decoder.middle, *decoder.upsamples, decoder.head):
+def cache_elements(blocks: Sequence[nn.Module], height: int, width: int) -> int:
+    """Elements per batch item a FrameCache holds running `blocks` on height x width px: each causal conv's past frames.
+
+    A Resample moves the size (up: x2; down: /2 rounded up); a downsample3d also keeps its last
+    frame after the spatial stride, for the next chunk's time conv.
+    """
+    total, h, w = 0, height, width
+    for block in blocks:
         for m in block.modules():
             if isinstance(m, CausalConv3d) and m.time_pad:
-                total += m.time_pad * m.in_channels * height * scale * width * scale  # [B, Cin, time_pad, h', w']
+                total += m.time_pad * m.in_channels * h * w  # [B, Cin, time_pad, h, w]
         if isinstance(block, Resample) and block.mode.startswith("up"):
-            scale *= 2
-    return total * batch * elem
+            h, w = 2 * h, 2 * w
+        elif isinstance(block, Resample) and block.mode.startswith("down"):
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+            if block.mode == "downsample3d":
+                total += block.time_conv.in_channels * h * w
+    return total
+
+
+def cache_bytes(decoder: Decoder3d, height: int, width: int, batch: int = 1, elem: int = 4) -> int:
+    """Bytes the FrameCache holds decoding a latent of height x width latent px: each causal conv's past frames."""
+    return cache_elements([decoder.conv1, *decoder.middle, *decoder.upsamples, decoder.head], height, width) * batch * elem
 
 
 def _low_channels(decoder: Decoder3d) -> int:
@@ -137,11 +153,10 @@ def plan_video(model: WanVAE, latent_shape: tuple[int, ...], tiling: Tiling) -> 
         whole = max(height, width)
         return VideoChoice("off", None, None, untiled) if tiling.mode == "auto" else VideoChoice("fast", whole, "frames", untiled)
     step = f * memory.TILE_STEP
-    tiles = range(step, max(height, width) + step, step)
     for order in ORDERS:
-        fitting = [t for t in tiles if need(t, order) <= budget]
-        if fitting:
-            return VideoChoice("fast", fitting[-1], order, need(fitting[-1], order))
+        tile = memory.largest_tile(lambda t, order=order: need(t, order) <= budget, height, width, step)
+        if tile is not None:
+            return VideoChoice("fast", tile, order, need(tile, order))
     by_frame, by_tile = (memory.format_bytes(need(step, o), round_up=True) for o in ORDERS)
     raise MemoryBudgetError(
         f"{memory.format_bytes(budget)} is too small to decode a {width}x{height} video of {latent_shape[2]} latent frames: "

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from vaetool.nn.blocks import AttnBlock, Downsample, NoAttn, ResnetBlock, Upsample, is_plain_3x3, upsample_conv_phases
+from vaetool.nn.blocks import AttnBlock, Downsample, NoAttn, ResnetBlock, Upsample, is_plain_conv, upsample_conv_phases
 from vaetool.nn.coders import Decoder, Encoder
 from vaetool.nn.groupstats import Norm
 from vaetool.nn.temporal import AE3DConv, Conv2DWrapper, VideoResBlock
@@ -237,7 +237,7 @@ def _block(p: Program, m: nn.Module, x: str) -> str:
         return _resnet(p, m, x)
     if isinstance(m, Upsample):
         window = conv_window(m.conv) if m.with_conv else IDENTITY
-        if m.with_conv and is_plain_3x3(m.conv):
+        if m.with_conv and is_plain_conv(m.conv, (3,)):
             conv = m.conv
             window = replace(window, phases=lambda t: upsample_conv_phases(t, conv))
         return p.add(WindowOp(x, p.slot(), window, upsample=True))
