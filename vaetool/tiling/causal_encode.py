@@ -96,7 +96,8 @@ def video_encode_need(
     resolution, tiled), the top level's causal conv input with its past frames (`past_bytes`: the
     image estimate counts the chunk's 4, the conv reads up to 2 more), a half input's float32 norm
     (`_half_norm`), the decoded frames with their stack and its copy in `dtype`; tiled, also the
-    float32 feature buffer of the whole clip at the cut. Sizes are padded as the encoder pads them.
+    float32 feature buffer of the whole clip at the cut beyond the chunk's that the tile estimate
+    counts. Sizes are padded as the encoder pads them.
     Calibrated by bench/calibrate_wan_video.py (docs/memory.md): 1.0-1.15 of the measured peak.
     """
     f, factor = int(model.downscale), int(model.time_downscale)
@@ -113,7 +114,10 @@ def video_encode_need(
         top_level = past_bytes(top, height, width, batch, elem, seen) + _half_norm(top, height, width, chunk, elem)
         return peak + top_level + clip
     latent_frames = 1 + (t - 1) // factor
-    feats = batch * _out_channels(_high(model.encoder)[-1]) * latent_frames * (height // f) * (width // f) * 4  # float32 blend buffer
+    per_frame = _out_channels(_high(model.encoder)[-1]) * (height // f) * (width // f) * 4
+    # the float32 blend buffer of the whole clip's features [B, C, T', h, w], less the one of a chunk's (`chunk` frames as a
+    # batch) that the image tile estimate already counts (binding at configs/wan.yaml's calibration sizes: its blend + tile)
+    feats = per_frame * max(0, batch * latent_frames - chunk)
     o = default_overlap(tile, overlap) // f * f
     th, tw = min(tile + o, height), min(tile + o, width)
     peak = memory.estimate_tile_peak(model, "encode", tile, chunk, mode="fast", height=height, width=width, **kw)
