@@ -83,17 +83,17 @@ def test_several_tiles_stay_within_the_measured_floor(wan) -> None:
 
 
 def test_the_planner_picks_off_fast_or_refuses_by_budget(wan) -> None:
-    shape = (9, 256, 256)  # untiled needs about 40 MiB (one 4-frame chunk, the causal caches, the clip), the 64 px tile 14
+    shape = (9, 256, 256)  # untiled needs about 51 MiB (one 4-frame chunk, the causal caches, the clip), the 64 px tile 21
     assert plan_video_encode(wan, *shape, Tiling()).mode == "off"  # the default budget: what is free
-    assert plan_video_encode(wan, *shape, Tiling(max_memory="48MiB")).mode == "off"
+    assert plan_video_encode(wan, *shape, Tiling(max_memory="56MiB")).mode == "off"
     fast = plan_video_encode(wan, *shape, Tiling(max_memory="32MiB"))
-    smaller = plan_video_encode(wan, *shape, Tiling(max_memory="20MiB"))
+    smaller = plan_video_encode(wan, *shape, Tiling(max_memory="24MiB"))
     assert fast.mode == smaller.mode == "fast" and fast.tile_size is not None and smaller.tile_size is not None
     assert 64 <= smaller.tile_size < fast.tile_size < 256 and fast.tile_size % 64 == 0
     with pytest.raises(MemoryBudgetError, match=r"too small to encode 9 frames of 256x256: the smallest tile \(64 px"):
-        plan_video_encode(wan, *shape, Tiling(max_memory="10MiB"))
+        plan_video_encode(wan, *shape, Tiling(max_memory="16MiB"))
     assert plan_video_encode(wan, *shape, Tiling(mode="off", max_memory="10MiB")).mode == "off"
-    assert plan_video_encode(wan, *shape, Tiling(mode="fast", max_memory="48MiB")).tile_size == 256  # fits: one tile
+    assert plan_video_encode(wan, *shape, Tiling(mode="fast", max_memory="56MiB")).tile_size == 256  # fits: one tile
     exact, fast96 = Tiling(mode="exact", tile_size=96), Tiling(mode="fast", tile_size=96)  # exact is read as fast
     assert plan_video_encode(wan, *shape, exact) == plan_video_encode(wan, *shape, fast96) == Choice("fast", 96, 1)
     assert plan_video_encode(wan, 6, 250, 250, Tiling(max_memory="32MiB")) == fast  # padded to 9 frames of 256 px
@@ -102,7 +102,7 @@ def test_the_planner_picks_off_fast_or_refuses_by_budget(wan) -> None:
 def test_the_planner_sizes_bf16_as_bf16(wan) -> None:
     """bf16 weights: activations and caches at 2 bytes (measured within budget at 480x832, docs/memory.md), so larger tiles fit."""
     half = load_vae("tiny-wan", dtype=torch.bfloat16).model
-    shape, budget = (9, 256, 256), Tiling(max_memory="32MiB")
+    shape, budget = (9, 256, 256), Tiling(max_memory="40MiB")
     fp32, bf16 = plan_video_encode(wan, *shape, budget), plan_video_encode(half, *shape, budget)
     assert fp32.mode == "fast" and fp32.tile_size is not None
     assert bf16.mode == "off" or (bf16.tile_size is not None and bf16.tile_size > fp32.tile_size)
@@ -123,7 +123,7 @@ def test_the_cli_encodes_in_fast_tiles_and_within_a_budget(runner, tmp_path: Pat
     result = runner.invoke(app, ["video", "encode", str(frames), "-o", str(tmp_path / "off.safetensors"), *MODEL, "--json"])
     assert result.exit_code == 0 and json.loads(result.stdout)["tile_mode"] == "off"
     big = _folder(tmp_path / "big", _clip(5, 128, 192))
-    budget = "12MiB"  # 5 frames of 128x192: untiled needs about 14 MiB by the estimate, 64 px tiles fit
+    budget = "12MiB"  # 5 frames of 128x192: untiled needs about 16 MiB by the estimate, 64 px tiles fit
     choice = plan_video_encode(wan, 5, 128, 192, Tiling(max_memory=budget))
     assert choice.mode == "fast" and choice.tile_size is not None
     lat = tmp_path / "budget.safetensors"

@@ -15,8 +15,8 @@ quant conv) runs exactly on the whole latent, one chunk at a time through one ca
 error is at the tile edges of the full-resolution convs; one tile over the whole frame is the
 untiled encode.
 
-`plan_video_encode` picks untiled or the tile edge from the image estimate for one chunk plus
-the caches, the clip itself and (tiled) the feature buffer. Error and peak: docs/memory.md.
+`plan_video_encode` picks untiled or the tile edge from `video_encode_need`: the image estimate for
+one chunk plus the caches, the clip itself and (tiled) the feature buffer. Error and peak: docs/memory.md.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from vaetool.nn.causal import FrameCache
 from vaetool.nn.util import loaded_weight
 from vaetool.nn.wan import CHUNK, Encoder3d, Resample, WanVAE
 from vaetool.tiling import Choice, Tiling
-from vaetool.tiling.causal_plan import cache_elements
+from vaetool.tiling.causal_plan import cache_elements, past_bytes
 from vaetool.tiling.fast import default_overlap, tile_spans
 
-__all__ = ["encode_video_fast", "encoder_cache_bytes", "encoder_cut", "plan_video_encode"]
+__all__ = ["encode_video_fast", "encoder_cache_bytes", "encoder_cut", "plan_video_encode", "video_encode_need"]
 
 
 def encoder_cut(encoder: Encoder3d) -> int:
@@ -70,36 +70,82 @@ def _padded(frames: int, height: int, width: int, f: int, factor: int) -> tuple[
     return t, -(-height // f) * f, -(-width // f) * f
 
 
+def _half_norm(channels: int, height: int, width: int, frames: int, elem: int) -> int:
+    """RMS_norm on a half input at the top level: x, its float32 copy and the float32 result, 5 half-size activations.
+
+    The image estimate's residual block peaks at 4 output-sized activations, so one more of the chunk
+    (bench/calibrate_wan_video.py: bf16 untiled fell 0.05 below fp32 once the past frames were counted).
+    """
+    return frames * channels * height * width * elem if elem < 4 else 0
+
+
+def video_encode_need(
+    model: WanVAE,
+    frames: int,
+    height: int,
+    width: int,
+    dtype: torch.dtype,
+    tile: int | None = None,
+    overlap: int | None = None,
+    batch: int = 1,
+    device: str | torch.device = "cpu",
+) -> int:
+    """Bytes an encode of `frames` frames of height x width px needs: untiled (`tile` None) or fast tiles of that edge.
+
+    One chunk's image estimate (weights included) plus the encoder's caches (one tile's at full
+    resolution, tiled), the top level's causal conv input with its past frames (`past_bytes`: the
+    image estimate counts the chunk's 4, the conv reads up to 2 more), a half input's float32 norm
+    (`_half_norm`), the decoded frames with their stack and its copy in `dtype`; tiled, also the
+    float32 feature buffer of the whole clip at the cut beyond the chunk's that the tile estimate
+    counts. Sizes are padded as the encoder pads them.
+    Calibrated by bench/calibrate_wan_video.py (docs/memory.md): 1.0-1.15 of the measured peak.
+    """
+    f, factor = int(model.downscale), int(model.time_downscale)
+    t, height, width = _padded(frames, height, width, f, factor)
+    elem = dtype.itemsize
+    chunk = min(t, CHUNK) * batch
+    # the frames the job decoded (float32 [3, H, W] each, held through the encode), their stack [B, 3, T, H, W], its copy in dtype
+    clip = batch * 3 * t * height * width * (2 * 4 + (elem if elem != 4 else 0))
+    top = int(model.encoder.conv1.out_channels)
+    seen = min(2, max(0, t - CHUNK))  # past frames the top level's convs hold in the last chunk (a 5-frame clip: 1)
+    kw = {"dtype": dtype, "device": device}
+    if tile is None:
+        peak = memory.estimate_peak(model, "encode", height, width, chunk, **kw) + encoder_cache_bytes(model, height, width, batch, elem)
+        top_level = past_bytes(top, height, width, batch, elem, seen) + _half_norm(top, height, width, chunk, elem)
+        return peak + top_level + clip
+    latent_frames = 1 + (t - 1) // factor
+    per_frame = _out_channels(_high(model.encoder)[-1]) * (height // f) * (width // f) * 4
+    # the float32 blend buffer of the whole clip's features [B, C, T', h, w], less the one of a chunk's (`chunk` frames as a
+    # batch) that the image tile estimate already counts (binding at configs/wan.yaml's calibration sizes: its blend + tile)
+    feats = per_frame * max(0, batch * latent_frames - chunk)
+    o = default_overlap(tile, overlap) // f * f
+    th, tw = min(tile + o, height), min(tile + o, width)
+    peak = memory.estimate_tile_peak(model, "encode", tile, chunk, mode="fast", height=height, width=width, **kw)
+    top_level = past_bytes(top, th, tw, batch, elem, seen) + _half_norm(top, th, tw, chunk, elem)
+    return peak + encoder_cache_bytes(model, height, width, batch, elem, tile=tile + o) + top_level + clip + feats
+
+
 def plan_video_encode(model: WanVAE, frames: int, height: int, width: int, tiling: Tiling, batch: int = 1) -> Choice:
     """Untiled ("off") or fast tiles of some edge to encode `frames` frames of height x width px within the tiling's budget.
 
     `--tile exact` is read as fast (no exact tiles for a causal video). A given tile size is used as
-    is; else the budget must hold one chunk's image estimate plus the caches and the clip itself.
+    is; else the budget must hold `video_encode_need`.
     """
     if tiling.mode == "off":
         return Choice("off", None, 1)
     if tiling.tile_size is not None and tiling.mode != "auto":
         return Choice("fast", tiling.tile_size, 1)
-    f, factor = int(model.downscale), int(model.time_downscale)
-    t, height, width = _padded(frames, height, width, f, factor)
+    f = int(model.downscale)
+    t, height, width = _padded(frames, height, width, f, int(model.time_downscale))
     device = loaded_weight(model).device
     dtype = loaded_weight(model).dtype  # sized in the weights' dtype: the job returns freed memory to the OS (memory.return_freed_memory)
-    elem = dtype.itemsize
     budget = memory.budget_for(model, tiling.budget, device)
-    chunk = min(t, CHUNK) * batch
-    clip = batch * 3 * t * height * width * (4 + (elem if elem != 4 else 0))  # the stacked float32 clip, and its copy in the weights' dtype
-    kw = {"dtype": dtype, "device": device}
-    untiled = memory.estimate_peak(model, "encode", height, width, chunk, **kw) + encoder_cache_bytes(model, height, width, batch, elem)
-    if untiled + clip <= budget:
+
+    def need(tile: int | None) -> int:
+        return video_encode_need(model, t, height, width, dtype, tile, tiling.overlap, batch, device)
+
+    if need(None) <= budget:
         return Choice("off", None, 1) if tiling.mode == "auto" else Choice("fast", max(height, width), 1)
-    latent_frames = 1 + (t - 1) // factor
-    feats = batch * _out_channels(_high(model.encoder)[-1]) * latent_frames * (height // f) * (width // f) * 4  # float32 blend buffer
-
-    def need(tile: int) -> int:
-        o = default_overlap(tile, tiling.overlap) // f * f
-        peak = memory.estimate_tile_peak(model, "encode", tile, chunk, mode="fast", height=height, width=width, **kw)
-        return peak + encoder_cache_bytes(model, height, width, batch, elem, tile=tile + o) + clip + feats
-
     step = f * memory.TILE_STEP
     tile = memory.largest_tile(lambda s: need(s) <= budget, height, width, step)
     if tile is None:

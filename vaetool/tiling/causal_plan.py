@@ -5,7 +5,7 @@ vaetool.memory's estimate_peak untiled, estimate_tile_peak for a fast tile), the
 (`cache_bytes`: each causal conv's past frames; frame-major, summed over all tiles with their
 overlaps; tile-major, one tile's) and, tile-major, the whole clip's `low` and float32
 accumulator (vaetool.tiling.causal), and the top level's causal conv input with its two past
-frames (`_past`). The sum is scaled by VIDEO_SCALE, measured (bench/calibrate_wan_video.py,
+frames (`past_bytes`). The sum is scaled by VIDEO_SCALE, measured (bench/calibrate_wan_video.py,
 docs/memory.md) with glibc's mmap threshold fixed as `vaetool video decode` fixes it.
 """
 
@@ -26,7 +26,7 @@ from vaetool.nn.wan import Decoder3d, Resample, WanVAE
 from vaetool.tiling import Tiling
 from vaetool.tiling.causal import ORDERS, video_tiles
 
-__all__ = ["VIDEO_SCALE", "VideoChoice", "cache_bytes", "plan_video", "video_need"]
+__all__ = ["VIDEO_SCALE", "VideoChoice", "cache_bytes", "past_bytes", "plan_video", "video_need"]
 
 # The pieces' sum is 0.97-1.10 of the measured peak over the calibration cases, fp32 and bf16 alike (docs/memory.md), with glibc's
 # mmap threshold fixed (vaetool.memory.return_freed_memory, as `vaetool video decode` runs): without it bf16 held up to 2.5x
@@ -74,12 +74,12 @@ def _low_channels(decoder: Decoder3d) -> int:
     return decoder.upsamples[cut].resample[1].in_channels if cut < len(decoder.upsamples) else decoder.head[2].in_channels
 
 
-def _past(channels: int, height: int, width: int, batch: int, elem: int) -> int:
-    """A full-resolution causal conv's input with its past: [past, chunk] (2 frames more than the chunk) and oneDNN's copy of it.
+def past_bytes(channels: int, height: int, width: int, batch: int, elem: int, frames: int = 2) -> int:
+    """A full-resolution causal conv's input with its past: [past, chunk] (`frames` more than the chunk) and oneDNN's copy of it.
 
     The image estimate of a 4-frame chunk counts 4 input frames; at the top level the conv reads 6.
     """
-    return 2 * 2 * channels * height * width * batch * elem
+    return 2 * frames * channels * height * width * batch * elem
 
 
 def video_need(
@@ -100,12 +100,12 @@ def video_need(
     top = model.decoder.head[2].in_channels
     if tile is None:
         chunk = memory.estimate_peak(model, "decode", height, width, td * b, **kw)
-        past = _past(top, height, width, b, elem)
+        past = past_bytes(top, height, width, b, elem)
         return {"chunk": chunk, "past": past, "caches": cache_bytes(model.decoder, h, w, b, elem), "output": out}
     tiles = video_tiles(h, w, f, tile, overlap)
     r, c = max(tiles, key=lambda rc: (rc[0].hi - rc[0].lo) * (rc[1].hi - rc[1].lo))  # the largest tile
     th, tw = (r.hi - r.lo) * f, (c.hi - c.lo) * f
-    past = _past(top, th, tw, b, elem)
+    past = past_bytes(top, th, tw, b, elem)
     if order == "frames":
         rows, cols = sorted({(r.lo, r.hi) for r, _ in tiles}), sorted({(c.lo, c.hi) for _, c in tiles})
         extent = sum(hi - lo for lo, hi in rows), sum(hi - lo for lo, hi in cols)  # overlaps counted twice
