@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from vaetool.memory_steps import Arch, Step, attention_bytes, decoder_steps, encoder_steps, resolve_attention
+from vaetool.memory_steps import HALF_DECODE_RETAINED, Arch, Step, attention_bytes, decoder_steps, encoder_steps, resolve_attention
 from vaetool.nn.flux2 import Flux2Autoencoder
 from vaetool.nn.taesd import TAESD, Block, Clamp
 from vaetool.nn.wan import AttentionBlock, Resample, ResidualBlock, WanVAE
@@ -75,6 +75,7 @@ def flux2_arch(model: Flux2Autoencoder) -> Arch:
         in_channels=enc.conv_in.in_channels,
         latent_channels=dec.post_quant_conv.in_channels,
         overhead=_decode_overhead(dec),
+        half_overhead={"decode": int(HALF_DECODE_RETAINED * _params(dec))},  # the LDM decoder's (memory_steps)
     )
 
 
