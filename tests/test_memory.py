@@ -94,6 +94,8 @@ def test_estimate_grows_with_size_and_batch(config: str, op: str) -> None:
 def test_estimate_counts_dtype_and_the_score_matrix() -> None:
     fp32 = memory.estimate_peak("sd1", "decode", 512, 512)
     bf16 = memory.estimate_peak("sd1", "decode", 512, 512, dtype=torch.bfloat16)
+    assert 0.45 * fp32 < bf16 < 0.65 * fp32  # half the activations and weights, plus the retained buffers (HALF_DECODE_RETAINED)
+    fp32, bf16 = (memory.estimate_peak("sd1", "encode", 512, 512, dtype=dt) for dt in (torch.float32, torch.bfloat16))
     assert 0.45 * fp32 < bf16 < 0.6 * fp32
     n = (2048 // 8) ** 2  # latent positions of a 2048 px image: the score matrix dominates
     basic = memory.estimate_peak("sd1", "decode", 2048, 2048, attention="basic")

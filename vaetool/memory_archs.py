@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from vaetool.memory_steps import Arch, Step, attention_bytes, decoder_steps, encoder_steps, resolve_attention
+from vaetool.memory_steps import HALF_DECODE_RETAINED, Arch, Step, attention_bytes, decoder_steps, encoder_steps, resolve_attention
 from vaetool.nn.flux2 import Flux2Autoencoder
 from vaetool.nn.taesd import TAESD, Block, Clamp
 from vaetool.nn.wan import AttentionBlock, Resample, ResidualBlock, WanVAE
@@ -75,6 +75,7 @@ def flux2_arch(model: Flux2Autoencoder) -> Arch:
         in_channels=enc.conv_in.in_channels,
         latent_channels=dec.post_quant_conv.in_channels,
         overhead=_decode_overhead(dec),
+        half_overhead={"decode": int(HALF_DECODE_RETAINED * _params(dec))},  # the LDM decoder's (memory_steps)
     )
 
 
@@ -172,11 +173,22 @@ def _acts(st: Step, hw: tuple[int, int], b: int, elem: int) -> tuple[float, floa
     return float(b * st.cin * px * elem), float(b * st.cout * px * elem)
 
 
+def _half_norm(elem: int) -> float:
+    """RMS_norm's float32 copy of a half input and its float32 result, in activations of that input (0 in fp32).
+
+    Measured (bench/calibrate_memory.py --configs wan --dtype bf16): without it bf16 encode and
+    decode at 512 px fell to 0.95 of the measured peak; the norm holds x, x.float() and the float
+    result (5 half-size activations), where the fp32 count has 3.
+    """
+    return 2 * 4 / elem if elem < 4 else 0.0
+
+
 def _wres(st: Step, hw: tuple[int, int], b: int, elem: int, ctx: dict[str, Any]) -> tuple[int, int]:
     ci, co = _acts(st, hw, b, elem)
-    ws = ctx["ws"]
+    ws, half = ctx["ws"], _half_norm(elem)
     short = co + ws * ci if st.cin != st.cout else 0.0  # a 1x1 conv shortcut, else x itself
     peak = max(3 * ci, ci + co + ws * ci, 4 * co, 2 * co + ws * co, 2 * co + short, (3 if short else 2) * co)
+    peak = max(peak, half * ci, co + half * co)  # half inputs: each norm's float32 copies (the second with conv1's output)
     return int(peak), int(co)
 
 
@@ -187,6 +199,7 @@ def _wattn(st: Step, hw: tuple[int, int], b: int, elem: int, ctx: dict[str, Any]
     if resolve_attention(ctx["attention"], b, n, elem, ctx["device"]) in ("sdpa", "xformers"):
         work = 0  # the block already passes contiguous q, k, v (counted below): the fused kernels add O(n)
     peak = max(3 * ci, 4 * ci + ws * ci, 7 * ci + work, 6 * ci + ws * ci)  # qkv, q/k/v copies, output; then proj
+    peak = max(peak, _half_norm(elem) * ci)  # half inputs: the norm's float32 copies
     return int(peak), int(ci)
 
 
@@ -198,7 +211,7 @@ def _wup(st: Step, hw: tuple[int, int], b: int, elem: int, ctx: dict[str, Any]) 
 
 def _whead(st: Step, hw: tuple[int, int], b: int, elem: int, ctx: dict[str, Any]) -> tuple[int, int]:
     ci, co = _acts(st, hw, b, elem)
-    return int(max(3 * ci, ci + co + ctx["ws"] * ci)), int(co)
+    return int(max(3 * ci, ci + co + ctx["ws"] * ci, _half_norm(elem) * ci)), int(co)
 
 
 def _tblock(st: Step, hw: tuple[int, int], b: int, elem: int, ctx: dict[str, Any]) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from vaetool.devices import conv_memory_format
 from vaetool.memory_archs import ARCHITECTURES, STEP_COSTS
-from vaetool.memory_steps import ATTN_KINDS, FF_WIDTH, Arch, Step, attention_bytes, decoder_steps, encoder_steps
+from vaetool.memory_steps import ATTN_KINDS, FF_WIDTH, HALF_DECODE_RETAINED, Arch, Step, attention_bytes, decoder_steps, encoder_steps
 from vaetool.nn import attention as attn
 from vaetool.nn import banded
 
@@ -74,13 +74,15 @@ def architecture(model_or_cfg: Any) -> Arch:
     def count(*mods: nn.Module | None) -> int:
         return sum(p.numel() for m in mods if m is not None for p in m.parameters())
 
+    decode_weights = count(dec, post_quant)
     return Arch(
         encode=tuple(encoder_steps(enc, quant)),
         decode=tuple(decoder_steps(dec, post_quant, levels)),
-        weights={"encode": count(enc, quant), "decode": count(dec, post_quant)},
+        weights={"encode": count(enc, quant), "decode": decode_weights},
         downscale=2**levels,
         in_channels=enc.conv_in.in_channels,
         latent_channels=dec.conv_in.in_channels if post_quant is None else post_quant.in_channels,
+        half_overhead={"decode": int(HALF_DECODE_RETAINED * decode_weights)},
     )
 
 
@@ -187,6 +189,12 @@ def _chain_peak(steps: tuple[Step, ...], sizes: Callable[[Step], tuple[int, int]
     return peak
 
 
+def _fixed_bytes(arch: Arch, op: Direction, height: int, width: int, batch: int, elem: int, ctx: dict[str, Any]) -> int:
+    """The weights, the per-call overhead (and a half call's on the CPU) and the caller's input."""
+    half = arch.half_overhead.get(op, 0) if elem < 4 and ctx["device"].type == "cpu" else 0
+    return (arch.weights[op] + arch.overhead.get(op, 0) + half) * elem + _input_bytes(arch, op, height, width, batch, elem)
+
+
 def _check(op: str, height: int, width: int, batch: int) -> None:
     if op not in ("encode", "decode"):
         raise ValueError(f"op must be 'encode' or 'decode', got {op!r}")
@@ -217,7 +225,7 @@ def estimate_peak(
     arch, elem = architecture(model_or_cfg), _elem(dtype)
     ctx = _ctx(device, attention, op, dtype)
     chain = _chain_peak(arch.__dict__[op], lambda st: _size(height, width, st.level), batch, elem, ctx)
-    fixed = (arch.weights[op] + arch.overhead.get(op, 0)) * elem + _input_bytes(arch, op, height, width, batch, elem)
+    fixed = _fixed_bytes(arch, op, height, width, batch, elem, ctx)
     return int(SAFETY * (chain + fixed))
 
 
@@ -291,7 +299,7 @@ def estimate_tile_peak(
     arch, elem = architecture(model_or_cfg), _elem(dtype)
     ctx = _ctx(device, attention, op, dtype)
     steps = arch.__dict__[op]
-    fixed = (arch.weights[op] + arch.overhead.get(op, 0)) * elem + _input_bytes(arch, op, height, width, batch, elem)
+    fixed = _fixed_bytes(arch, op, height, width, batch, elem, ctx)
     full_out = _step_cost(steps[-1], _size(height, width, steps[-1].level), batch, elem, ctx)[1]
 
     def tile_size(st: Step, context: int) -> tuple[int, int]:

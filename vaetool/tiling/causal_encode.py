@@ -70,15 +70,6 @@ def _padded(frames: int, height: int, width: int, f: int, factor: int) -> tuple[
     return t, -(-height // f) * f, -(-width // f) * f
 
 
-def _half_norm(channels: int, height: int, width: int, frames: int, elem: int) -> int:
-    """RMS_norm on a half input at the top level: x, its float32 copy and the float32 result, 5 half-size activations.
-
-    The image estimate's residual block peaks at 4 output-sized activations, so one more of the chunk
-    (bench/calibrate_wan_video.py: bf16 untiled fell 0.05 below fp32 once the past frames were counted).
-    """
-    return frames * channels * height * width * elem if elem < 4 else 0
-
-
 def video_encode_need(
     model: WanVAE,
     frames: int,
@@ -94,8 +85,8 @@ def video_encode_need(
 
     One chunk's image estimate (weights included) plus the encoder's caches (one tile's at full
     resolution, tiled), the top level's causal conv input with its past frames (`past_bytes`: the
-    image estimate counts the chunk's 4, the conv reads up to 2 more), a half input's float32 norm
-    (`_half_norm`), the decoded frames with their stack and its copy in `dtype`; tiled, also the
+    image estimate counts the chunk's 4, the conv reads up to 2 more; a half input's float32 norm is
+    the image estimate's, vaetool.memory_archs._half_norm), the decoded frames with their stack and its copy in `dtype`; tiled, also the
     float32 feature buffer of the whole clip at the cut beyond the chunk's that the tile estimate
     counts. Sizes are padded as the encoder pads them.
     Calibrated by bench/calibrate_wan_video.py (docs/memory.md): 1.0-1.15 of the measured peak.
@@ -111,7 +102,7 @@ def video_encode_need(
     kw = {"dtype": dtype, "device": device}
     if tile is None:
         peak = memory.estimate_peak(model, "encode", height, width, chunk, **kw) + encoder_cache_bytes(model, height, width, batch, elem)
-        top_level = past_bytes(top, height, width, batch, elem, seen) + _half_norm(top, height, width, chunk, elem)
+        top_level = past_bytes(top, height, width, batch, elem, seen)
         return peak + top_level + clip
     latent_frames = 1 + (t - 1) // factor
     per_frame = _out_channels(_high(model.encoder)[-1]) * (height // f) * (width // f) * 4
@@ -121,7 +112,7 @@ def video_encode_need(
     o = default_overlap(tile, overlap) // f * f
     th, tw = min(tile + o, height), min(tile + o, width)
     peak = memory.estimate_tile_peak(model, "encode", tile, chunk, mode="fast", height=height, width=width, **kw)
-    top_level = past_bytes(top, th, tw, batch, elem, seen) + _half_norm(top, th, tw, chunk, elem)
+    top_level = past_bytes(top, th, tw, batch, elem, seen)
     return peak + encoder_cache_bytes(model, height, width, batch, elem, tile=tile + o) + top_level + clip + feats
 
 
