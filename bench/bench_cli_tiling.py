@@ -122,6 +122,14 @@ def make_image(path: Path, width: int, height: int) -> Path:
     return path
 
 
+def run_baseline(args: list[str], env: dict[str, str], cwd: Path) -> dict:
+    """`run_cli` of a small baseline case (the runtime and the weights), logged to CWD/base.log; exits the bench if it fails."""
+    base = run_cli(args, env, cwd, 600, cwd / "base.log")
+    if "error" in base:
+        raise SystemExit(f"baseline: {base['error']}")
+    return base
+
+
 def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float, log: Path) -> dict:
     """Run `python -m vaetool ARGS --json` as one process: its JSON summary, peak RSS, CPU and wall time."""
     cmd = [sys.executable, "-m", "vaetool", *args, "--json"]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cli_tiling import ROOT, psnr, read_output, run_cli
+from bench_cli_tiling import ROOT, psnr, read_output, run_baseline, run_cli
 
 from vaetool import memory
 from vaetool.api import load_vae
@@ -56,8 +56,7 @@ def main() -> None:
         for name, n in (("z", args.latent), ("z8", 8)):
             np.save(work / f"{name}.npy", np.random.default_rng(0).standard_normal((1, 16, n, n)).astype("float32"))
         common = ["-c", "wan", "--random-weights", "--raw", "--16bit"]
-        base = run_cli(["decode", str(work / "z8.npy"), "-o", str(work / "base"), *common, "--tile", "off"], env, work, 600,
-                       work / "base.log")  # fmt: skip
+        base = run_baseline(["decode", str(work / "z8.npy"), "-o", str(work / "base"), *common, "--tile", "off"], env, work)
         print(f"baseline (8 x 8 latent): peak {base['peak'] / 2**20:.0f} MiB, cpu {base['cpu']:.1f} s", flush=True)
         print("| case | planner | wall s | cpu s | compute s | peak RSS MiB | peak - baseline MiB | within budget | PSNR dB |")
         print("|---|---|---|---|---|---|---|---|---|")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cli_tiling import ROOT, run_cli
+from bench_cli_tiling import ROOT, run_baseline, run_cli
 
 from vaetool import memory
 from vaetool.api import load_vae
@@ -61,10 +61,8 @@ def main() -> None:
         write_latent(work / "clip.safetensors", args.frames, *args.size)
         write_latent(work / "tiny.safetensors", 1, 64, 64)
         common = ["-c", "wan", "--random-weights", "--dtype", args.dtype]
-        base = run_cli(["video", "decode", str(work / "tiny.safetensors"), "-o", str(work / "base"), *common, "--tile", "off"],
-                       env, work, 600, work / "base.log")  # fmt: skip
-        if "error" in base:
-            raise SystemExit(f"baseline: {base['error']}")
+        base = run_baseline(["video", "decode", str(work / "tiny.safetensors"), "-o", str(work / "base"), *common, "--tile", "off"],
+                            env, work)  # fmt: skip
         print(f"Wan video decode, {args.frames} frames at {args.size[0]}x{args.size[1]}, {args.dtype}, {args.threads} threads; "
               f"baseline (1 frame, 64 px): peak {base['peak'] / 2**20:.0f} MiB", flush=True)  # fmt: skip
         print("| case | plan | wall s | cpu s | s per frame | peak RSS MiB | peak - baseline MiB | within budget |")

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cli_tiling import IMAGE, ROOT, psnr, run_cli
+from bench_cli_tiling import IMAGE, ROOT, psnr, run_baseline, run_cli
 
 from vaetool import memory
 from vaetool.video.causal import load_causal
@@ -65,10 +65,8 @@ def main() -> None:
         work = Path(tmp)
         write_clip(work / "clip", args.frames, *args.size)
         write_clip(work / "tiny", 1, 64, 64)
-        base = run_cli(["video", "encode", str(work / "tiny"), "-o", str(work / "base.safetensors"), *common, "--tile", "off"],
-                       env, work, 600, work / "base.log")  # fmt: skip
-        if "error" in base:
-            raise SystemExit(f"baseline: {base['error']}")
+        base = run_baseline(["video", "encode", str(work / "tiny"), "-o", str(work / "base.safetensors"), *common, "--tile", "off"],
+                            env, work)  # fmt: skip
         print(f"Wan video encode, {args.frames} frames at {args.size[0]}x{args.size[1]}, {args.dtype}, {args.threads} threads; "
               f"baseline (1 frame, 64 px): peak {base['peak'] / 2**20:.0f} MiB", flush=True)  # fmt: skip
         print("| case | plan | wall s | cpu s | peak RSS MiB | peak - baseline MiB | within budget | PSNR vs off dB |")

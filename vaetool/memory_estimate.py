@@ -172,7 +172,7 @@ def _elem(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
 
 
-def _ctx(device: str | torch.device, attention: str | None, op: str, dtype: torch.dtype) -> dict[str, Any]:
+def _ctx(device: str | torch.device, attention: str | None, dtype: torch.dtype) -> dict[str, Any]:
     device = torch.device(device)
     nhwc = conv_memory_format(device, dtype) == torch.channels_last
     ws = NHWC_WORKSPACE if nhwc else CONV_WORKSPACE.get(device.type, 1.0)
@@ -223,7 +223,7 @@ def estimate_peak(
     """Peak bytes of an untiled encode or decode of `batch` images of height x width IMAGE pixels (weights included)."""
     _check(op, height, width, batch)
     arch, elem = architecture(model_or_cfg), _elem(dtype)
-    ctx = _ctx(device, attention, op, dtype)
+    ctx = _ctx(device, attention, dtype)
     chain = _chain_peak(arch.__dict__[op], lambda st: _size(height, width, st.level), batch, elem, ctx)
     fixed = _fixed_bytes(arch, op, height, width, batch, elem, ctx)
     return int(SAFETY * (chain + fixed))
@@ -297,7 +297,7 @@ def estimate_tile_peak(
     height, width = height or tile, width or tile
     _check(op, height, width, min(batch, tile))
     arch, elem = architecture(model_or_cfg), _elem(dtype)
-    ctx = _ctx(device, attention, op, dtype)
+    ctx = _ctx(device, attention, dtype)
     steps = arch.__dict__[op]
     fixed = _fixed_bytes(arch, op, height, width, batch, elem, ctx)
     full_out = _step_cost(steps[-1], _size(height, width, steps[-1].level), batch, elem, ctx)[1]

@@ -37,11 +37,12 @@ class Step:
 
 
 ATTN_KINDS = frozenset({"attn", "vattn", "xattn", "xvattn", "wattn"})  # global steps: they run on the whole map
-# A bf16 decode of the LDM coders on the CPU with 2 threads sometimes holds weight-sized buffers until the call ends,
-# each block about its own weights (bench/calibrate_memory.py --dtype bf16, fresh runs at 256 px: sd1 193 or 253 MiB,
-# 2 of 6 runs high; Flux.2 197 or 239; never in fp32, 351-356 MiB in 5 runs, nor in encode): counted as this share of
-# the decoder's weights (sd1 needs 0.42 for its high runs), as Arch.half_overhead (memory_estimate counts it in half
-# precision on the CPU only). Wan's decoder showed no such runs (221-227 MiB in 4).
+# A bf16 decode of the LDM coders on the CPU sometimes peaks about half the decoder's weights higher, at 1 thread or 2
+# (bench/calibrate_memory.py --dtype bf16, fresh runs at 256 px: sd1 193 or 253 MiB, 2 of 6 runs high; Flux.2 197 or
+# 239; never in fp32, 351-356 MiB in 5 runs, nor in encode). /proc/self/smaps puts the difference in glibc's heap after
+# the model is built: freed copies (random init, cast, NHWC) left fragmented, which the decode touches again. Counted as
+# this share of the decoder's weights (sd1 needs 0.42 for its high runs), as Arch.half_overhead (memory_estimate counts
+# it in half precision on the CPU only). Wan's decoder showed no such runs (221-227 MiB in 4).
 HALF_DECODE_RETAINED = 0.45
 FF_WIDTH = 17  # a GEGLU feed-forward holds ~17 token widths at its peak (LN, 8x projection, 4x gelu, 4x product)
 
@@ -62,7 +63,7 @@ class Arch:
     # x the working set of one tile: the tiled executor's copies the module's forward does not make (its zero-padded
     # windows of convs without a norm), measured for the families in vaetool.memory_archs; the LDM coders: 1
     tile_scale: float = 1.0
-    # per op, elements held beyond `overhead` by a half-precision call on the CPU (memory_estimate.HALF_DECODE_RETAINED)
+    # per op, elements held beyond `overhead` by a half-precision call on the CPU (HALF_DECODE_RETAINED above)
     half_overhead: dict[str, int] = field(default_factory=dict)
 
 
